@@ -1,0 +1,129 @@
+"""One subject batch: digest, preprocess and write one shard. The unit of work and of retry.
+
+``process_batch`` is a plain, picklable function of one picklable argument, so the same code
+runs in-process, in a process pool, as a Ray task or inside a Prefect task. A failure of one
+subject becomes a quarantine entry and never aborts the batch; the shard holds the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from rankcore.cache.layout import ShardInfo, sha256_file, write_shard
+from rankcore.cache.schema import SourceStat, rows_to_table, volume_row
+from rankcore.errors import QuarantineError
+from rankcore.mri.types import CohortRow, PreprocessConfig, PreprocessedVolume, QuarantineEntry
+
+logger = logging.getLogger("rankcore.cache.ingest")
+
+Preprocess = Callable[[Path, PreprocessConfig], PreprocessedVolume]
+
+
+@dataclass(frozen=True)
+class SubjectTask:
+    """A subject-session to (re)process; ``expected_digest`` is its cached file's sha256."""
+
+    row: CohortRow
+    expected_digest: str | None = None
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Subjects processed together and written to one shard (``seq`` orders the shards)."""
+
+    index: int
+    seq: int
+    shard_dir: str
+    config: PreprocessConfig
+    subjects: tuple[SubjectTask, ...]
+    preprocess: Preprocess | None = None  # None: rankcore.mri.preprocess.preprocess_file
+
+
+@dataclass(frozen=True)
+class SubjectOutcome:
+    """What happened to one subject.
+
+    ``status`` is "written" (a new row in this batch's shard), "unchanged" (the file's digest
+    equals ``expected_digest``: the cached row stays) or "quarantined" (see ``quarantine``).
+    ``log`` is the subject's one-line description.
+    """
+
+    key: str
+    status: Literal["written", "unchanged", "quarantined"]
+    stat: SourceStat | None
+    quarantine: QuarantineEntry | None = None
+    log: str = ""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """The shard a batch wrote (None when no subject was written) and every subject's outcome."""
+
+    index: int
+    shard: ShardInfo | None
+    outcomes: tuple[SubjectOutcome, ...]
+    seconds: float
+
+
+def _quarantined(row: CohortRow, category: str, message: str,
+                 stat: SourceStat | None) -> SubjectOutcome:
+    entry = QuarantineEntry(row.participant_id, str(row.path), category, message)
+    return SubjectOutcome(row.key, "quarantined", stat, entry, f"[{category}] {message}")
+
+
+def _default_preprocess() -> tuple[Preprocess, Callable[[PreprocessedVolume], str]]:
+    from rankcore.mri.preprocess import describe, preprocess_file
+
+    return preprocess_file, describe
+
+
+def process_subject(task: SubjectTask, config: PreprocessConfig,
+                    preprocess: Preprocess | None = None) -> tuple[SubjectOutcome, dict | None]:
+    """Digest and preprocess one subject; return its outcome and its cache row (or None)."""
+    row = task.row
+    default_preprocess, describe = _default_preprocess()
+    preprocess = preprocess or default_preprocess
+    try:
+        st = os.stat(row.path)
+        stat = SourceStat(sha256_file(Path(row.path)), st.st_size, st.st_mtime_ns)
+    except FileNotFoundError:
+        return _quarantined(row, "missing_file", f"{row.path} does not exist", None), None
+    except OSError as exc:
+        return _quarantined(row, "unreadable", f"cannot read {row.path}: {exc}", None), None
+    if stat.digest == task.expected_digest:
+        return SubjectOutcome(row.key, "unchanged", stat, log="unchanged (same sha256)"), None
+    try:
+        pv = preprocess(Path(row.path), config)
+        record = volume_row(row, pv, config, stat)
+    except QuarantineError as exc:
+        return _quarantined(row, exc.category, str(exc), stat), None
+    except MemoryError:
+        return _quarantined(row, "too_large", "ran out of memory while preprocessing", stat), None
+    except Exception as exc:  # one subject's failure must not abort its batch
+        logger.debug("unexpected error on %s", row.key, exc_info=True)
+        return _quarantined(row, "unreadable",
+                            f"unexpected {type(exc).__name__} while preprocessing: {exc}",
+                            stat), None
+    return SubjectOutcome(row.key, "written", stat, log=describe(pv)), record
+
+
+def process_batch(batch: Batch) -> BatchResult:
+    """Process every subject of ``batch`` and write the successful ones as one shard."""
+    t0 = time.perf_counter()
+    outcomes = []
+    records = []
+    for task in batch.subjects:
+        outcome, record = process_subject(task, batch.config, batch.preprocess)
+        outcomes.append(outcome)
+        if record is not None:
+            records.append(record)
+    shard = None
+    if records:
+        shard = write_shard(rows_to_table(records), Path(batch.shard_dir), batch.seq)
+    return BatchResult(batch.index, shard, tuple(outcomes), time.perf_counter() - t0)

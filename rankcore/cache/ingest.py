@@ -1,0 +1,260 @@
+"""Ingest a cohort into the Parquet cache: plan, run batches, commit each shard, compact.
+
+Sequence (each step leaves a cache that readers accept):
+
+1. ``plan_ingest`` (rankcore.cache.plan): verify the shards, drop corrupt ones, delete stray
+   files, and decide per subject: reuse, quarantine again, or process.
+2. Batches run on an engine (rankcore.cache.engines); each writes one shard atomically.
+3. ``commit_batch`` adds the shard to the manifest (atomic replace) as soon as it arrives, so
+   an interrupted ingest keeps the work done; a rerun processes only what is missing.
+4. ``finalize_ingest`` rewrites the shards holding superseded, removed or relabelled rows,
+   marks the manifest complete, and rewrites the quarantine table if it changed.
+
+An unchanged cohort writes nothing at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rankcore.cache.batch import BatchResult, Preprocess
+from rankcore.cache.engines import check_engine, check_workers, run_batches
+from rankcore.cache.layout import (
+    CacheLayout,
+    atomic_write_bytes,
+    cache_lock,
+    parquet_bytes,
+    write_manifest,
+    write_shard,
+)
+from rankcore.cache.plan import IngestPlan, QuarantineRecord, plan_ingest
+from rankcore.cache.schema import label_values, library_version, quarantine_table, rows_to_table
+from rankcore.cache.shards import open_shard
+from rankcore.mri.types import QUARANTINE_CATEGORIES, Cohort, PreprocessConfig
+
+logger = logging.getLogger("rankcore.cache.ingest")
+
+#: progress(subjects_done, subjects_to_process), called after each committed batch.
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class IngestSummary:
+    """What an ingest did. Counts are subject-sessions.
+
+    Attributes:
+        cache_path: the config's cache folder (``cache_dir/<preproc_digest>``).
+        preproc_digest: PreprocessConfig.digest() of the run.
+        total: rows of the cohort table, including those set aside while parsing it.
+        ingested: preprocessed and written by this run.
+        reused: cached rows kept (their source file is unchanged).
+        relabelled: kept rows whose table values (age, sex, ...) or file stat were updated.
+        removed: cached rows dropped because their key left the cohort.
+        rebuilt_shards: corrupt or unreadable shards found, removed and rebuilt.
+        quarantined: count per category (all categories present, zeros included).
+        failed_fraction: quarantined / total (0 for an empty cohort).
+        seconds: wall time.
+    """
+
+    cache_path: str
+    preproc_digest: str
+    total: int
+    ingested: int
+    reused: int
+    relabelled: int
+    removed: int
+    rebuilt_shards: int
+    quarantined: dict[str, int]
+    failed_fraction: float
+    seconds: float
+
+    @property
+    def n_quarantined(self) -> int:
+        return sum(self.quarantined.values())
+
+    @property
+    def quarantine_path(self) -> str:
+        """The quarantine table next to the cache."""
+        folder = Path(self.cache_path)
+        return str(CacheLayout(folder.parent, folder.name).quarantine_path)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (adds ``n_quarantined`` and ``quarantine_path``)."""
+        return {**asdict(self), "n_quarantined": self.n_quarantined,
+                "quarantine_path": self.quarantine_path}
+
+    def to_text(self) -> str:
+        """A few plain lines for a terminal."""
+        cats = ", ".join(f"{k} {v}" for k, v in self.quarantined.items() if v) or "none"
+        return (f"ingested {self.ingested}, reused {self.reused}, quarantined "
+                f"{self.n_quarantined} of {self.total} ({self.failed_fraction:.1%})\n"
+                f"quarantined by category: {cats}\n"
+                f"cache: {self.cache_path}")
+
+    def to_markdown(self) -> str:
+        """A Markdown table of the counts, then one row per quarantine category seen."""
+        lines = ["| quantity | value |", "|---|---|"]
+        for name in ("total", "ingested", "reused", "relabelled", "removed", "rebuilt_shards"):
+            lines.append(f"| {name} | {getattr(self, name)} |")
+        lines.append(f"| quarantined | {self.n_quarantined} |")
+        lines += [f"| quarantined: {k} | {v} |" for k, v in self.quarantined.items() if v]
+        lines.append(f"| failed fraction | {self.failed_fraction:.3f} |")
+        lines.append(f"| seconds | {self.seconds:.1f} |")
+        lines.append(f"| cache | `{self.cache_path}` |")
+        return "\n".join(lines)
+
+
+def commit_batch(plan: IngestPlan, result: BatchResult) -> None:
+    """Record a finished batch: add its shard to the manifest and log each subject.
+
+    Runs in the process that holds the cache lock (the driver), once per batch, in any order.
+    """
+    version = library_version()
+    for out in result.outcomes:
+        cached = plan.existing.get(out.key)
+        if out.status == "written":
+            plan.ingested += 1
+            logger.info("ingested %s: %s", out.key, out.log)
+            if cached is not None:
+                plan.dead.add((cached.shard, cached.index))
+        elif out.status == "unchanged" and cached is not None:
+            # Same bytes under a new stat (touched, copied or moved): keep the row, update it.
+            plan.reused.add(out.key)
+            logger.info("reused %s: %s", out.key, out.log)
+            row = plan.todo_rows[out.key]
+            plan.relabel[(cached.shard, cached.index)] = {
+                **label_values(row), "source_path": str(row.path),
+                "source_size": out.stat.size, "source_mtime_ns": out.stat.mtime_ns}
+        else:
+            entry = out.quarantine
+            logger.warning("quarantined %s [%s]: %s", out.key, entry.category, entry.message)
+            size = None if out.stat is None else out.stat.size
+            mtime = None if out.stat is None else out.stat.mtime_ns
+            plan.quarantine.append((entry, out.key, size, mtime, version))
+            if cached is not None:
+                plan.dead.add((cached.shard, cached.index))
+    if result.shard is not None:
+        plan.manifest.shards.append(result.shard)
+        plan.manifest.complete = False
+        write_manifest(plan.layout, plan.manifest)
+
+
+def _compact(plan: IngestPlan) -> list[str]:
+    """Rewrite shards holding dead or relabelled rows; return the replaced file names."""
+    layout, manifest = plan.layout, plan.manifest
+    affected = {name for name, _ in plan.dead} | {name for name, _ in plan.relabel}
+    replaced = []
+    for pos in reversed(range(len(manifest.shards))):
+        info = manifest.shards[pos]
+        if info.name not in affected:
+            continue
+        rows = open_shard(layout.shard_path(info.name)).read().to_pylist()
+        keep = []
+        for i, row in enumerate(rows):
+            if (info.name, i) in plan.dead:
+                continue
+            row.update(plan.relabel.get((info.name, i), {}))
+            keep.append(row)
+        if keep:
+            manifest.shards[pos] = write_shard(rows_to_table(keep), layout.shard_dir,
+                                               manifest.take_seq())
+        else:
+            del manifest.shards[pos]
+        replaced.append(info.name)
+    manifest.shards.sort(key=lambda s: s.seq)
+    return replaced
+
+
+def _write_quarantine(layout: CacheLayout, records: list[QuarantineRecord]) -> bool:
+    """Atomically replace quarantine.parquet when its content changed; True when written."""
+    table = quarantine_table(records)
+    if layout.quarantine_path.exists():
+        try:
+            if pq.read_table(layout.quarantine_path).equals(table):
+                return False
+        except (OSError, pa.ArrowException):
+            pass  # unreadable: rewrite it
+    atomic_write_bytes(layout.quarantine_path, parquet_bytes(table))
+    return True
+
+
+def finalize_ingest(plan: IngestPlan, *, seconds: float = 0.0) -> IngestSummary:
+    """Compact superseded rows away, mark the manifest complete, write the quarantine table."""
+    replaced = _compact(plan)
+    manifest_missing = not plan.layout.manifest_path.exists()
+    if replaced or plan.manifest_dirty or not plan.manifest.complete or manifest_missing:
+        plan.manifest.complete = True
+        write_manifest(plan.layout, plan.manifest)
+    for name in replaced:
+        plan.layout.shard_path(name).unlink(missing_ok=True)
+    _write_quarantine(plan.layout, plan.quarantine)
+    counts = Counter(entry.category for entry, *_ in plan.quarantine)
+    quarantined = {c: counts.get(c, 0) for c in QUARANTINE_CATEGORIES}
+    n_bad = sum(quarantined.values())
+    return IngestSummary(
+        cache_path=str(plan.layout.folder), preproc_digest=plan.layout.digest,
+        total=plan.total, ingested=plan.ingested, reused=len(plan.reused),
+        relabelled=len(plan.relabel), removed=plan.removed,
+        rebuilt_shards=plan.rebuilt_shards, quarantined=quarantined,
+        failed_fraction=n_bad / plan.total if plan.total else 0.0, seconds=seconds)
+
+
+def execute_plan(plan: IngestPlan, *, engine: str = "local", workers: int = 1,
+                 progress: Progress | None = None) -> None:
+    """Run the plan's batches on ``engine`` and commit each as it completes."""
+    done, todo = 0, plan.n_todo
+    for result in run_batches(plan.batches, engine=engine, workers=workers):
+        commit_batch(plan, result)
+        done += len(result.outcomes)
+        if progress is not None:
+            progress(done, todo)
+
+
+def ingest_cohort(cohort: Cohort, cache_dir: str | Path, config: PreprocessConfig, *,
+                  engine: str = "local", workers: int = 1, batch_size: int = 16,
+                  progress: Progress | None = None, prune: bool = True,
+                  preprocess: Preprocess | None = None) -> IngestSummary:
+    """Validate, preprocess and cache every subject-session of ``cohort``.
+
+    Incremental: unchanged subjects are reused from their stat alone, new or changed ones are
+    processed, and subjects that fail land in the quarantine table with a category. Results
+    are identical for every engine and number of workers.
+
+    Args:
+        cohort: parsed cohort (rankcore.mri.read_cohort).
+        cache_dir: cache root; this config fills ``cache_dir/<config.digest()>``.
+        config: preprocessing config.
+        engine: "local" (process pool; in-process when ``workers == 1``) or "ray" (Ray tasks;
+            a local Ray instance with ``workers`` CPUs is started when none is running).
+        workers: parallel processes / Ray CPUs.
+        batch_size: subjects per batch = per shard = per retry.
+        progress: ``progress(done, to_process)`` after each committed batch.
+        prune: drop cached rows of subject-sessions that are no longer in the cohort.
+        preprocess: replaces rankcore.mri.preprocess.preprocess_file (picklable).
+
+    Returns:
+        IngestSummary.
+
+    Raises:
+        InputError: bad arguments, or another ingest holds the cache.
+    """
+    check_engine(engine)
+    check_workers(workers)
+    t0 = time.perf_counter()
+    layout = CacheLayout.for_config(cache_dir, config)
+    with cache_lock(layout):
+        plan = plan_ingest(cohort, cache_dir, config, batch_size=batch_size, prune=prune,
+                           preprocess=preprocess)
+        execute_plan(plan, engine=engine, workers=workers, progress=progress)
+        summary = finalize_ingest(plan, seconds=time.perf_counter() - t0)
+    logger.info("ingest summary: %s", summary.to_text().replace("\n", "; "))
+    return summary

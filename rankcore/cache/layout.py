@@ -1,0 +1,301 @@
+"""Where a cache keeps its files, and how they are written: atomically, with checksums.
+
+Layout (one folder per preprocessing config, so a changed config never mixes with an old one)::
+
+    CACHE_DIR/<preproc_digest>/config.json         the PreprocessConfig (JSON)
+    CACHE_DIR/<preproc_digest>/manifest.json       the accepted shards, with sha256 and keys
+    CACHE_DIR/<preproc_digest>/shards/part-*.parquet
+    CACHE_DIR/<preproc_digest>/quarantine.parquet  subjects set aside, with the reason
+
+Every file is written to a temporary name in its own folder, fsynced, then ``os.replace``d,
+so a reader sees either the old file or the new one, never half of one. Readers trust only
+the shards the manifest lists (name, byte size, sha256): a half-written or orphaned file is
+never read, and the next ingest deletes it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rankcore.cache.schema import DICTIONARY_COLUMNS
+from rankcore.errors import InputError
+from rankcore.mri.types import PreprocessConfig
+
+MANIFEST_FORMAT = 1
+_TMP_PREFIX = ".tmp-"
+
+
+@dataclass(frozen=True)
+class CacheLayout:
+    """The paths of one preprocessing config's cache under ``cache_dir``."""
+
+    cache_dir: Path
+    digest: str
+
+    @classmethod
+    def for_config(cls, cache_dir: str | Path, config: PreprocessConfig) -> CacheLayout:
+        return cls(Path(cache_dir), config.digest())
+
+    @property
+    def folder(self) -> Path:
+        return self.cache_dir / self.digest
+
+    @property
+    def shard_dir(self) -> Path:
+        return self.folder / "shards"
+
+    @property
+    def config_path(self) -> Path:
+        return self.folder / "config.json"
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.folder / "manifest.json"
+
+    @property
+    def quarantine_path(self) -> Path:
+        return self.folder / "quarantine.parquet"
+
+    @property
+    def lock_path(self) -> Path:
+        return self.folder / ".lock"
+
+    def shard_path(self, name: str) -> Path:
+        return self.shard_dir / name
+
+
+def find_layout(cache_dir: str | Path, config: PreprocessConfig | None = None) -> CacheLayout:
+    """The layout of ``config`` under ``cache_dir``, or of its only config when ``config`` is None.
+
+    Raises:
+        InputError: no cache there, or several configs and none chosen.
+    """
+    root = Path(cache_dir)
+    if config is not None:
+        layout = CacheLayout.for_config(root, config)
+        if not layout.manifest_path.is_file():
+            raise InputError(f"`cache_dir` must hold a cache for config {layout.digest} "
+                             f"(run `brainrank ingest` first), got {str(root)!r}")
+        return layout
+    found = sorted(p.parent.name for p in root.glob("*/manifest.json") if p.is_file())
+    if not found:
+        raise InputError(f"`cache_dir` must hold a brainrank cache (run `brainrank ingest` "
+                         f"first), got {str(root)!r}")
+    if len(found) > 1:
+        raise InputError(f"`config` must be given: `cache_dir` {str(root)!r} holds caches for "
+                         f"{len(found)} preprocessing configs ({', '.join(found)})")
+    return CacheLayout(root, found[0])
+
+
+def read_config(layout: CacheLayout) -> PreprocessConfig:
+    """The PreprocessConfig stored in ``layout.config_path``."""
+    try:
+        data = json.loads(layout.config_path.read_text(encoding="utf-8"))
+        data["shape"] = tuple(data["shape"])
+        return PreprocessConfig(**data)
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise InputError(f"`config.json` of cache {str(layout.folder)!r} is unreadable: "
+                         f"{exc}") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_bytes(path: Path, data: bytes | pa.Buffer | memoryview) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same folder + os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f"{_TMP_PREFIX}{path.name}.{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(memoryview(data))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def parquet_bytes(table: pa.Table, *, volume_column: str | None = None) -> pa.Buffer:
+    """Serialise ``table`` to Parquet in memory with page checksums.
+
+    With ``volume_column`` the table is written one row per row group, that column
+    uncompressed, PLAIN-encoded and without statistics (so one row is one page read from a
+    memory map), and the other columns zstd-compressed.
+    """
+    sink = pa.BufferOutputStream()
+    names = table.column_names
+    if volume_column is None:
+        pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
+    else:
+        pq.write_table(
+            table, sink,
+            row_group_size=1,
+            compression={n: ("none" if n == volume_column else "zstd") for n in names},
+            use_dictionary=[n for n in names if n in DICTIONARY_COLUMNS],
+            write_statistics=[n for n in names if n != volume_column],
+            write_page_checksum=True,
+        )
+    return sink.getvalue()
+
+
+def sha256_file(path: Path) -> str:
+    """sha256 hex digest of a file's bytes (streamed, constant memory)."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+@dataclass
+class ShardInfo:
+    """A written shard: file name, sha256, size in bytes, row count and the keys it holds."""
+
+    name: str
+    seq: int
+    sha256: str
+    bytes: int
+    rows: int
+    keys: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "seq": self.seq, "sha256": self.sha256, "bytes": self.bytes,
+                "rows": self.rows, "keys": list(self.keys)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShardInfo:
+        return cls(name=str(d["name"]), seq=int(d["seq"]), sha256=str(d["sha256"]),
+                   bytes=int(d["bytes"]), rows=int(d["rows"]), keys=[str(k) for k in d["keys"]])
+
+
+def shard_name(seq: int) -> str:
+    """A fresh shard file name: sequence number (ingest order) plus a random token."""
+    return f"part-{seq:06d}-{uuid.uuid4().hex[:8]}.parquet"
+
+
+def write_shard(table: pa.Table, shard_dir: Path, seq: int) -> ShardInfo:
+    """Write a cache table as a new shard file (atomically); return its ShardInfo."""
+    buf = parquet_bytes(table, volume_column="volume")
+    name = shard_name(seq)
+    atomic_write_bytes(shard_dir / name, buf)
+    return ShardInfo(name=name, seq=seq, sha256=hashlib.sha256(memoryview(buf)).hexdigest(),
+                     bytes=buf.size, rows=table.num_rows,
+                     keys=table.column("key").to_pylist())
+
+
+@dataclass
+class Manifest:
+    """The accepted shards of one cache, in commit order.
+
+    ``complete`` is False while an ingest is between its first commit and its final
+    compaction; then a key may appear in two shards and the higher ``seq`` wins.
+    """
+
+    digest: str
+    shards: list[ShardInfo] = field(default_factory=list)
+    next_seq: int = 1
+    complete: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": MANIFEST_FORMAT, "preproc_digest": self.digest,
+                "next_seq": self.next_seq, "complete": self.complete,
+                "shards": [s.to_dict() for s in self.shards]}
+
+    def take_seq(self, n: int = 1) -> int:
+        """Reserve ``n`` consecutive sequence numbers; return the first."""
+        first = self.next_seq
+        self.next_seq += n
+        return first
+
+
+def read_manifest(layout: CacheLayout) -> Manifest:
+    """The manifest of ``layout`` (an empty one when the cache is new).
+
+    Raises:
+        InputError: the manifest exists but cannot be parsed, or names another config.
+    """
+    if not layout.manifest_path.exists():
+        return Manifest(layout.digest)
+    try:
+        d = json.loads(layout.manifest_path.read_text(encoding="utf-8"))
+        if int(d["format"]) != MANIFEST_FORMAT:
+            raise ValueError(f"format {d['format']} is not {MANIFEST_FORMAT}")
+        manifest = Manifest(digest=str(d["preproc_digest"]),
+                            shards=[ShardInfo.from_dict(s) for s in d["shards"]],
+                            next_seq=int(d["next_seq"]), complete=bool(d["complete"]))
+    except (OSError, ValueError, TypeError, KeyError) as exc:
+        raise InputError(f"`manifest.json` of cache {str(layout.folder)!r} is unreadable "
+                         f"({exc}); delete the folder to rebuild it") from None
+    if manifest.digest != layout.digest:
+        raise InputError(f"`manifest.json` in {str(layout.folder)!r} must describe config "
+                         f"{layout.digest}, got {manifest.digest}")
+    return manifest
+
+
+def write_manifest(layout: CacheLayout, manifest: Manifest) -> None:
+    """Atomically replace the manifest."""
+    text = json.dumps(manifest.to_dict(), indent=1, sort_keys=True)
+    atomic_write_bytes(layout.manifest_path, text.encode())
+
+
+def write_config(layout: CacheLayout, config: PreprocessConfig) -> None:
+    """Write config.json once (it never changes: a changed config has another folder)."""
+    if layout.config_path.exists():
+        return
+    text = json.dumps(config.to_dict(), indent=1, sort_keys=True)
+    atomic_write_bytes(layout.config_path, text.encode())
+
+
+def remove_strays(layout: CacheLayout, manifest: Manifest) -> list[str]:
+    """Delete temporary files and shard files the manifest does not list; return their names."""
+    keep = {s.name for s in manifest.shards}
+    removed = []
+    for folder in (layout.folder, layout.shard_dir):
+        if not folder.is_dir():
+            continue
+        for p in folder.iterdir():
+            stray_tmp = p.name.startswith(_TMP_PREFIX)
+            stray_shard = folder == layout.shard_dir and p.name not in keep
+            if p.is_file() and (stray_tmp or stray_shard):
+                p.unlink(missing_ok=True)
+                removed.append(p.name)
+    return removed
+
+
+@contextlib.contextmanager
+def cache_lock(layout: CacheLayout) -> Iterator[None]:
+    """Hold an exclusive lock on the cache folder while ingesting (one writer at a time).
+
+    Raises:
+        InputError: another process holds the lock.
+    """
+    layout.folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(layout.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"`cache_dir` {str(layout.folder)!r} is being written by another "
+                             f"ingest; wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

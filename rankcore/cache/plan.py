@@ -1,0 +1,217 @@
+"""Decide what an ingest must do, reading only the cache's metadata and the sources' stat.
+
+A cohort row is *reused* without opening its image when the cache holds a row for the same
+key whose source path, byte size and ``st_mtime_ns`` are unchanged (the fast pre-check).
+Otherwise it is sent to a batch with the cached row's sha256 as ``expected_digest``: the
+worker hashes the file and re-processes it only when the digest differs (a touched or moved
+but identical file just gets its stat updated). A subject quarantined by an earlier run is
+not retried while its file's stat and the brainrank version are unchanged.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rankcore.cache.batch import Batch, Preprocess, SubjectTask
+from rankcore.cache.layout import CacheLayout, Manifest, read_manifest, remove_strays, write_config
+from rankcore.cache.schema import (
+    LABEL_COLUMNS,
+    QUARANTINE_SCHEMA,
+    SOURCE_STAT_COLUMNS,
+    label_values,
+    library_version,
+)
+from rankcore.cache.shards import read_shard_metadata, verify_shard
+from rankcore.errors import InputError
+from rankcore.mri.types import Cohort, CohortRow, PreprocessConfig, QuarantineEntry
+
+logger = logging.getLogger("rankcore.cache.ingest")
+
+#: A quarantine record: (entry, key, source size, source mtime_ns, brainrank version).
+QuarantineRecord = tuple[QuarantineEntry, str | None, int | None, int | None, str]
+
+
+@dataclass(frozen=True)
+class CachedRow:
+    """Where a cached subject-session lives and what the cache knows about its source."""
+
+    shard: str
+    seq: int
+    index: int  # row index inside the shard
+    values: dict[str, Any]  # LABEL_COLUMNS + SOURCE_STAT_COLUMNS + source_digest
+
+
+@dataclass
+class IngestPlan:
+    """The outcome of planning; mutated as batches commit (see rankcore.cache.ingest)."""
+
+    layout: CacheLayout
+    config: PreprocessConfig
+    manifest: Manifest
+    total: int
+    batches: list[Batch]
+    existing: dict[str, CachedRow]
+    reused: set[str] = field(default_factory=set)
+    dead: set[tuple[str, int]] = field(default_factory=set)  # (shard name, row index)
+    relabel: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    quarantine: list[QuarantineRecord] = field(default_factory=list)
+    todo_rows: dict[str, CohortRow] = field(default_factory=dict)
+    ingested: int = 0
+    rebuilt_shards: int = 0
+    removed: int = 0
+    manifest_dirty: bool = False
+
+    @property
+    def n_todo(self) -> int:
+        """Subject-sessions sent to batches."""
+        return sum(len(b.subjects) for b in self.batches)
+
+
+def _check_batch_size(batch_size: int) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InputError(f"`batch_size` must be an integer >= 1, got {batch_size!r}")
+    return batch_size
+
+
+def _drop_bad_shards(layout: CacheLayout, manifest: Manifest) -> int:
+    """Verify every shard (size + sha256); drop and delete the bad ones; return how many."""
+    bad = []
+    for info in manifest.shards:
+        problem = verify_shard(layout, info, full=True)
+        if problem is not None:
+            logger.warning("cache shard %s is corrupt (%s): removing it; its %d subject(s) "
+                           "will be rebuilt", info.name, problem, info.rows)
+            bad.append(info)
+    for info in bad:
+        manifest.shards.remove(info)
+        layout.shard_path(info.name).unlink(missing_ok=True)
+    return len(bad)
+
+
+def _load_existing(plan: IngestPlan) -> None:
+    """Index the cached rows by key; a key in several shards keeps its highest-seq row."""
+    wanted = ["key", "source_digest", *LABEL_COLUMNS, *SOURCE_STAT_COLUMNS]
+    for info in sorted(plan.manifest.shards, key=lambda s: s.seq):
+        path = plan.layout.shard_path(info.name)
+        try:
+            rows = read_shard_metadata(path, wanted).to_pylist()
+        except (OSError, pa.ArrowException) as exc:
+            logger.warning("cache shard %s is unreadable (%s): removing it", info.name, exc)
+            plan.manifest.shards.remove(info)
+            path.unlink(missing_ok=True)
+            plan.rebuilt_shards += 1
+            plan.manifest_dirty = True
+            continue
+        for i, values in enumerate(rows):
+            key = values.pop("key")
+            old = plan.existing.get(key)
+            if old is not None:  # left by an interrupted ingest: the later shard wins
+                plan.dead.add((old.shard, old.index))
+            plan.existing[key] = CachedRow(info.name, info.seq, i, values)
+
+
+def _load_verdicts(layout: CacheLayout) -> dict[str, dict[str, Any]]:
+    """Earlier per-file quarantine verdicts by key (empty when there are none or unreadable)."""
+    if not layout.quarantine_path.exists():
+        return {}
+    try:
+        table = pq.read_table(layout.quarantine_path)
+        if not table.schema.remove_metadata().equals(QUARANTINE_SCHEMA.remove_metadata()):
+            return {}
+    except (OSError, pa.ArrowException):
+        return {}
+    return {r["key"]: r for r in table.to_pylist()
+            if r["key"] is not None and r["source_size"] is not None}
+
+
+def plan_ingest(cohort: Cohort, cache_dir: str | Path, config: PreprocessConfig, *,
+                batch_size: int = 16, prune: bool = True,
+                preprocess: Preprocess | None = None) -> IngestPlan:
+    """Check the cache, compare it with the cohort, and cut the work into batches.
+
+    Call it while holding ``cache_lock`` (it deletes corrupt shards and stray files).
+
+    Args:
+        cohort: the parsed cohort; its table-level quarantine is carried into the result.
+        cache_dir: the cache root; this config's cache is ``cache_dir/<config.digest()>``.
+        config: the preprocessing config.
+        batch_size: subjects per batch (= per shard, = per retry).
+        prune: drop cached rows whose key is no longer in the cohort.
+        preprocess: replaces rankcore.mri.preprocess.preprocess_file (must be picklable for
+            process and Ray engines).
+    """
+    _check_batch_size(batch_size)
+    if not isinstance(config, PreprocessConfig):
+        raise InputError(f"`config` must be a PreprocessConfig, got {type(config).__name__}")
+    layout = CacheLayout.for_config(cache_dir, config)
+    layout.shard_dir.mkdir(parents=True, exist_ok=True)
+    write_config(layout, config)
+    manifest = read_manifest(layout)
+    n_bad = _drop_bad_shards(layout, manifest)
+    stray = remove_strays(layout, manifest)
+    if stray:
+        logger.info("removed %d stray file(s) left by an interrupted ingest", len(stray))
+    version = library_version()
+    plan = IngestPlan(layout=layout, config=config, manifest=manifest,
+                      total=len(cohort.rows) + len(cohort.quarantine), batches=[],
+                      existing={}, rebuilt_shards=n_bad, manifest_dirty=n_bad > 0)
+    _load_existing(plan)
+    verdicts = _load_verdicts(layout)
+    plan.quarantine.extend((e, None, None, None, version) for e in cohort.quarantine)
+
+    todo: list[SubjectTask] = []
+    seen: set[str] = set()
+    for row in cohort.rows:
+        key = row.key
+        if key in seen:
+            entry = QuarantineEntry(row.participant_id, str(row.path), "duplicate_id",
+                                    f"{key} appears more than once in the cohort table")
+            plan.quarantine.append((entry, None, None, None, version))
+            continue
+        seen.add(key)
+        cached = plan.existing.get(key)
+        try:
+            st = os.stat(row.path)
+        except OSError:
+            st = None  # the batch reports it (missing_file / unreadable)
+        stat = None if st is None else {"source_path": str(row.path),
+                                         "source_size": st.st_size,
+                                         "source_mtime_ns": st.st_mtime_ns}
+        labels = label_values(row)
+        if cached is not None and stat is not None and all(
+                cached.values[k] == v for k, v in stat.items()):
+            plan.reused.add(key)
+            if any(cached.values[k] != v for k, v in labels.items()):
+                plan.relabel[(cached.shard, cached.index)] = {**labels, **stat}
+            continue
+        old = verdicts.get(key)
+        if stat is not None and old is not None and old["brainrank_version"] == version and (
+                old["source"], old["source_size"], old["source_mtime_ns"]) == tuple(stat.values()):
+            entry = QuarantineEntry(row.participant_id, str(row.path), old["category"],
+                                    old["message"])
+            plan.quarantine.append((entry, key, stat["source_size"], stat["source_mtime_ns"],
+                                    version))
+            if cached is not None:
+                plan.dead.add((cached.shard, cached.index))
+            continue
+        todo.append(SubjectTask(row, None if cached is None else cached.values["source_digest"]))
+        plan.todo_rows[key] = row
+
+    if prune:
+        for key, cached in plan.existing.items():
+            if key not in seen:
+                plan.dead.add((cached.shard, cached.index))
+                plan.removed += 1
+    chunks = [tuple(todo[i:i + batch_size]) for i in range(0, len(todo), batch_size)]
+    first = manifest.take_seq(len(chunks)) if chunks else manifest.next_seq
+    plan.batches = [Batch(index=i, seq=first + i, shard_dir=str(layout.shard_dir),
+                          config=config, subjects=chunk, preprocess=preprocess)
+                    for i, chunk in enumerate(chunks)]
+    return plan

@@ -1,0 +1,148 @@
+"""Open a cache for reading: its metadata as one Arrow table, and volumes one at a time.
+
+Only the shards listed in the manifest are read; each is checked (size and footer, or
+sha256 with ``verify=True``) and its data pages carry checksums, so a corrupt shard raises an
+InputError that says to re-run ingest (which rebuilds it) instead of being read silently.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from rankcore.cache.layout import CacheLayout, Manifest, find_layout, read_config, read_manifest
+from rankcore.cache.schema import CACHE_SCHEMA, METADATA_COLUMNS, decode_volume
+from rankcore.cache.shards import open_shard, read_shard_metadata, verify_shard
+from rankcore.errors import InputError
+from rankcore.mri.types import PreprocessConfig
+
+
+def _corrupt(layout: CacheLayout, name: str, problem: str) -> InputError:
+    return InputError(f"cache shard {name} in {str(layout.folder)!r} is corrupt ({problem}); "
+                      f"run `brainrank ingest` again to rebuild it")
+
+
+@dataclass(frozen=True)
+class CacheView:
+    """The metadata of a cache, one row per subject-session, sorted by ``key``.
+
+    Attributes:
+        layout: the cache folder's paths.
+        config: the PreprocessConfig that filled it.
+        manifest: the accepted shards.
+        table: every column but ``volume`` (CACHE_SCHEMA order).
+        shards: per row, the file name of the shard holding its volume.
+        row_groups: per row, the row group of that shard (one row per row group).
+    """
+
+    layout: CacheLayout
+    config: PreprocessConfig
+    manifest: Manifest
+    table: pa.Table
+    shards: tuple[str, ...]
+    row_groups: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return self.table.num_rows
+
+    @property
+    def keys(self) -> list[str]:
+        """``participant_id`` or ``participant_id/session`` of every row."""
+        return self.table.column("key").to_pylist()
+
+    @property
+    def splits(self) -> list[str]:
+        """The distinct non-null ``split`` values, sorted."""
+        return sorted(v for v in pc.unique(self.table.column("split")).to_pylist()
+                      if v is not None)
+
+    @property
+    def shard_paths(self) -> list[Path]:
+        """Paths of the accepted shard files, in commit order."""
+        return [self.layout.shard_path(s.name) for s in self.manifest.shards]
+
+    def select(self, split: str | Sequence[str] | None) -> CacheView:
+        """The rows whose ``split`` is ``split`` (or one of them); all rows for None."""
+        if split is None:
+            return self
+        wanted = [split] if isinstance(split, str) else list(split)
+        known = self.splits
+        unknown = [s for s in wanted if s not in known]
+        if unknown:
+            raise InputError(f"`split` must be one of {known} for this cache, got {unknown}")
+        mask = pc.is_in(self.table.column("split"), value_set=pa.array(wanted, pa.string()))
+        idx = np.flatnonzero(mask.to_numpy(zero_copy_only=False))
+        return CacheView(self.layout, self.config, self.manifest,
+                         self.table.take(pa.array(idx, pa.int64())),
+                         tuple(self.shards[i] for i in idx),
+                         tuple(self.row_groups[i] for i in idx))
+
+    def read_volume(self, i: int, pf: pq.ParquetFile | None = None) -> np.ndarray:
+        """Volume of row ``i`` as stored (float16 or float32, shape ``config.shape``).
+
+        Reads one row group (one page of the volume column) from a memory-mapped file.
+        ``pf`` is an already opened ``open_shard`` of the row's shard.
+        """
+        if not 0 <= i < len(self):
+            raise IndexError(f"row {i} out of range for a cache of {len(self)} rows")
+        name = self.shards[i]
+        if pf is None:
+            pf = open_shard(self.layout.shard_path(name))
+        try:
+            part = pf.read_row_group(self.row_groups[i], columns=["key", "volume"])
+        except (OSError, pa.ArrowException) as exc:
+            raise _corrupt(self.layout, name, str(exc)) from None
+        key = self.table.column("key")[i].as_py()
+        if part.num_rows != 1 or part.column("key")[0].as_py() != key:
+            raise _corrupt(self.layout, name, f"row group {self.row_groups[i]} does not hold "
+                                              f"{key!r}")
+        shape = self.table.column("shape")[i].as_py()
+        dtype = self.table.column("volume_dtype")[i].as_py()
+        return decode_volume(part.column("volume")[0].as_buffer(), shape, dtype)
+
+
+def open_cache(cache_dir: str | Path, config: PreprocessConfig | None = None, *,
+               verify: bool = False) -> CacheView:
+    """Open the cache of ``config`` under ``cache_dir`` (its only config when None).
+
+    Loads the metadata of every accepted shard (no volume bytes are read).
+
+    Args:
+        cache_dir: the cache root given to ingest.
+        config: which preprocessing config's cache; None when there is only one.
+        verify: also check every shard's sha256 against the manifest (reads all bytes).
+
+    Raises:
+        InputError: no cache, several configs and none chosen, or a corrupt shard.
+    """
+    layout = find_layout(cache_dir, config)
+    manifest = read_manifest(layout)
+    stored = read_config(layout)
+    tables, shards, groups = [], [], []
+    for info in sorted(manifest.shards, key=lambda s: s.seq):
+        problem = verify_shard(layout, info, full=verify)
+        if problem is not None:
+            raise _corrupt(layout, info.name, problem)
+        try:
+            t = read_shard_metadata(layout.shard_path(info.name), METADATA_COLUMNS)
+        except (OSError, pa.ArrowException) as exc:
+            raise _corrupt(layout, info.name, str(exc)) from None
+        tables.append(t)
+        shards += [info.name] * t.num_rows
+        groups += range(t.num_rows)
+    if tables:
+        table = pa.concat_tables(tables)
+    else:
+        table = CACHE_SCHEMA.empty_table().select(list(METADATA_COLUMNS))
+    # An interrupted ingest can leave a key in two shards: the later one wins. Then sort by key.
+    keys = table.column("key").to_pylist()
+    last = {k: i for i, k in enumerate(keys)}
+    order = sorted(last.values(), key=lambda i: keys[i])
+    return CacheView(layout, stored, manifest, table.take(pa.array(order, pa.int64())),
+                     tuple(shards[i] for i in order), tuple(groups[i] for i in order))

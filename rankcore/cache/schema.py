@@ -1,0 +1,208 @@
+"""The cache's Arrow schemas, defined once, and the conversions between rows and volumes.
+
+One row per subject-session. The preprocessed volume is stored as the raw little-endian bytes
+of a C-ordered array (``volume_dtype``, shape ``shape``) in a ``binary`` column: uncompressed,
+PLAIN-encoded, one row per row group, so that one subject is read by decoding exactly one
+page, straight out of a memory-mapped file, and turned into an array with ``np.frombuffer``
+(no per-element list decoding, as a list<float16> column would need).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from rankcore.errors import InputError
+from rankcore.mri.types import CohortRow, PreprocessConfig, PreprocessedVolume, QuarantineEntry
+
+#: Bumped when a column changes meaning; written into every shard's schema metadata.
+SCHEMA_VERSION = "1"
+
+#: Scalar features computed during preprocessing (float columns, null when absent).
+FEATURE_COLUMNS = ("brain_volume_ml", "p01", "p50", "p99")
+
+#: Columns that come from the cohort table, not the image; updated in place on relabelling.
+LABEL_COLUMNS = ("participant_id", "session", "age", "age_censored", "sex", "site", "split")
+
+#: Columns describing the source file; updated in place when a file moves or is touched.
+SOURCE_STAT_COLUMNS = ("source_path", "source_size", "source_mtime_ns")
+
+CACHE_SCHEMA = pa.schema(
+    [
+        pa.field("participant_id", pa.string(), nullable=False),
+        pa.field("session", pa.string()),
+        pa.field("key", pa.string(), nullable=False),
+        pa.field("age", pa.float64()),  # years; null when unknown
+        pa.field("age_censored", pa.bool_(), nullable=False),  # BIDS "89+"
+        pa.field("sex", pa.string()),
+        pa.field("site", pa.string()),
+        pa.field("split", pa.string()),
+        pa.field("source_path", pa.string(), nullable=False),
+        pa.field("source_digest", pa.string(), nullable=False),  # sha256 hex of the file bytes
+        pa.field("source_size", pa.int64(), nullable=False),  # bytes
+        pa.field("source_mtime_ns", pa.int64(), nullable=False),  # st_mtime_ns
+        pa.field("preproc_digest", pa.string(), nullable=False),  # PreprocessConfig.digest()
+        pa.field("shape", pa.list_(pa.int32()), nullable=False),  # (x, y, z) voxels
+        pa.field("spacing", pa.list_(pa.float32()), nullable=False),  # mm
+        pa.field("affine", pa.list_(pa.float64()), nullable=False),  # 4x4 row-major, mm
+        pa.field("volume_dtype", pa.string(), nullable=False),  # "float16" | "float32"
+        pa.field("volume", pa.binary(), nullable=False),  # raw C-order bytes
+        *(pa.field(name, pa.float64()) for name in FEATURE_COLUMNS),
+        pa.field("source_orientation", pa.string()),  # axis codes, e.g. "LAS"
+        pa.field("source_spacing", pa.list_(pa.float32())),  # mm
+        pa.field("source_shape", pa.list_(pa.int32())),
+        pa.field("actions", pa.string()),  # "; "-joined preprocessing steps
+        pa.field("brainrank_version", pa.string(), nullable=False),
+    ],
+    metadata={"brainrank.schema_version": SCHEMA_VERSION},
+)
+
+#: Every column except the volume: what metadata readers load.
+METADATA_COLUMNS = tuple(name for name in CACHE_SCHEMA.names if name != "volume")
+
+#: String columns worth dictionary-encoding (few distinct values).
+DICTIONARY_COLUMNS = ("session", "sex", "site", "split", "preproc_digest", "volume_dtype",
+                      "source_orientation", "brainrank_version")
+
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        pa.field("participant_id", pa.string(), nullable=False),
+        pa.field("key", pa.string()),  # null for table-level problems without a session key
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("message", pa.string(), nullable=False),
+        # The file's stat when the verdict was reached (null for table-level problems); a rerun
+        # reuses the verdict while the stat and brainrank_version are unchanged.
+        pa.field("source_size", pa.int64()),
+        pa.field("source_mtime_ns", pa.int64()),
+        pa.field("brainrank_version", pa.string(), nullable=False),
+    ],
+    metadata={"brainrank.schema_version": SCHEMA_VERSION},
+)
+
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+
+
+def library_version() -> str:
+    """The installed brainrank version (``"unknown"`` when run from an uninstalled tree)."""
+    try:
+        return metadata.version("brainrank")
+    except metadata.PackageNotFoundError:  # pragma: no cover - the package is installed in CI
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class SourceStat:
+    """What the cache remembers about a source file: its bytes' sha256, size and mtime."""
+
+    digest: str
+    size: int
+    mtime_ns: int
+
+
+def encode_volume(data: np.ndarray, dtype: str) -> bytes:
+    """Cast a volume to the storage ``dtype`` and return its C-order little-endian bytes.
+
+    float16 saturates at ±65504; values beyond are clipped (z-scored intensities never get
+    near it) so that a stored volume is always finite when its input was.
+    """
+    arr = np.asarray(data, dtype=np.float32)
+    if dtype == "float16":
+        arr = np.clip(arr, -_FLOAT16_MAX, _FLOAT16_MAX)
+    return np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+
+
+def decode_volume(buf: Any, shape: Sequence[int], dtype: str) -> np.ndarray:
+    """View stored volume bytes as an array of ``shape`` (no copy; read-only when ``buf`` is).
+
+    Args:
+        buf: bytes-like object (``bytes``, ``pyarrow.Buffer``, memoryview).
+        shape: (x, y, z) voxel grid.
+        dtype: storage dtype name, ``"float16"`` or ``"float32"``.
+
+    Returns:
+        Array of ``shape`` and ``dtype``.
+    """
+    dt = np.dtype(dtype).newbyteorder("<")
+    shape = tuple(int(s) for s in shape)
+    n = int(np.prod(shape))
+    arr = np.frombuffer(buf, dtype=dt)
+    if arr.size != n:
+        raise InputError(f"`volume` must hold {n} {dtype} values for shape {shape}, "
+                         f"got {arr.size}")
+    return arr.reshape(shape)
+
+
+def _opt_str(value: Any) -> str | None:
+    return None if value is None else str(value)
+
+
+def volume_row(row: CohortRow, pv: PreprocessedVolume, config: PreprocessConfig,
+               source: SourceStat) -> dict[str, Any]:
+    """One cache row (a dict keyed by CACHE_SCHEMA's names) for a preprocessed subject."""
+    data = np.asarray(pv.data)
+    if data.shape != tuple(config.shape):
+        raise InputError(f"`pv.data` must have the configured shape {tuple(config.shape)}, "
+                         f"got {data.shape}")
+    affine = np.asarray(pv.affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise InputError(f"`pv.affine` must be a 4x4 matrix, got shape {affine.shape}")
+    out: dict[str, Any] = {
+        **label_values(row),
+        "key": row.key,
+        "source_path": str(row.path),
+        "source_digest": source.digest,
+        "source_size": int(source.size),
+        "source_mtime_ns": int(source.mtime_ns),
+        "preproc_digest": config.digest(),
+        "shape": [int(s) for s in data.shape],
+        "spacing": [float(s) for s in pv.spacing],
+        "affine": affine.reshape(-1).tolist(),
+        "volume_dtype": config.dtype,
+        "volume": encode_volume(data, config.dtype),
+        "source_orientation": _opt_str(pv.source_orientation),
+        "source_spacing": [float(s) for s in pv.source_spacing],
+        "source_shape": [int(s) for s in pv.source_shape],
+        "actions": "; ".join(pv.actions),
+        "brainrank_version": library_version(),
+    }
+    for name in FEATURE_COLUMNS:
+        value = pv.features.get(name)
+        out[name] = None if value is None else float(value)
+    return out
+
+
+def label_values(row: CohortRow) -> dict[str, Any]:
+    """The LABEL_COLUMNS values of a cohort row."""
+    return {
+        "participant_id": row.participant_id,
+        "session": row.session,
+        "age": None if row.age is None else float(row.age),
+        "age_censored": bool(row.age_censored),
+        "sex": _opt_str(row.sex),
+        "site": _opt_str(row.site),
+        "split": _opt_str(row.split),
+    }
+
+
+def rows_to_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """Build a CACHE_SCHEMA table from row dicts (validates types and non-null columns)."""
+    return pa.Table.from_pylist(list(rows), schema=CACHE_SCHEMA)
+
+
+def quarantine_table(entries: Sequence[tuple[QuarantineEntry, str | None, int | None,
+                                              int | None, str]]) -> pa.Table:
+    """QUARANTINE_SCHEMA table from (entry, key, size, mtime_ns, version), sorted for stability."""
+    records = [
+        {"participant_id": e.participant_id, "key": key, "source": e.source,
+         "category": e.category, "message": e.message, "source_size": size,
+         "source_mtime_ns": mtime, "brainrank_version": version}
+        for e, key, size, mtime, version in entries
+    ]
+    records.sort(key=lambda r: (r["participant_id"], r["key"] or "", r["source"], r["category"]))
+    return pa.Table.from_pylist(records, schema=QUARANTINE_SCHEMA)

@@ -1,0 +1,15 @@
+"""3-D CNN models: the ScaleDense-style backbone (stage 1) and the two-stage cascade (stage 2)."""
+
+from rankcore.models.backbone import AgeRegressor, BackboneConfig, ScaleDense, count_parameters
+from rankcore.models.cascade import Cascade, CascadeConfig, CorrectionRegressor, discretise
+
+__all__ = [
+    "AgeRegressor",
+    "BackboneConfig",
+    "Cascade",
+    "CascadeConfig",
+    "CorrectionRegressor",
+    "ScaleDense",
+    "count_parameters",
+    "discretise",
+]

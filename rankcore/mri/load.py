@@ -1,0 +1,286 @@
+"""Read one NIfTI-1/2 T1 image with nibabel, checking the header before any voxel is read.
+
+Every problem becomes a :class:`~rankcore.errors.QuarantineError` whose ``category`` is one of
+:data:`rankcore.mri.types.QUARANTINE_CATEGORIES` and whose message names the file:
+
+=============  ===========================================================================
+category       raised when
+=============  ===========================================================================
+missing_file   the path does not exist
+unreadable     not a single-file NIfTI-1/2 (.nii / .nii.gz), bad gzip stream, header that
+               cannot be parsed, non-scalar voxel type, or voxel data shorter than promised
+wrong_dims     not 3-D and not 4-D (or more) with every extra dimension of length 1, or a
+               spatial dimension shorter than 2 voxels
+too_large      the header promises more than ``config.max_voxels`` voxels (refused from the
+               header alone: nothing of that size is allocated)
+bad_affine     sform_code and qform_code both 0 (see below), an invalid quaternion, or a
+               non-finite / singular voxel-to-world matrix
+nonfinite      NaN or inf voxels after scaling (``scl_slope``/``scl_inter`` are applied)
+empty          every voxel has the same value
+=============  ===========================================================================
+
+Missing affine: when both ``sform_code`` and ``qform_code`` are 0, nibabel falls back to a
+diagonal affine built from the voxel sizes. That affine says nothing about left and right, so a
+silent left-right flip would follow; such files are refused as ``bad_affine``. When
+``sform_code`` > 0 the sform is used, else the qform (nibabel's ``get_best_affine`` order).
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.filebasedimages import ImageFileError
+from nibabel.spatialimages import HeaderDataError
+
+from rankcore.errors import QuarantineError, ShapeError
+from rankcore.mri.types import PreprocessConfig
+
+#: Exceptions nibabel, gzip and numpy raise for files that are not (complete) NIfTI images.
+_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError)
+
+#: A voxel-to-world matrix whose condition number exceeds this is treated as singular.
+_MAX_CONDITION = 1e6
+
+
+@dataclass(frozen=True, eq=False)
+class HeaderInfo:
+    """What a NIfTI header says about an image, read without touching the voxels.
+
+    Attributes:
+        path: the file.
+        format: "NIfTI-1" or "NIfTI-2".
+        shape: the full data shape from the header (3-D, or 4-D+ with singleton extra dims).
+        dtype: on-disk voxel type, e.g. "int16".
+        affine: 4x4 voxel-to-world matrix in mm (float64), from the sform or the qform.
+        affine_source: "sform" or "qform".
+        orientation: axis codes of the voxel axes, e.g. "LAS".
+        spacing: voxel size along each voxel axis in mm (column norms of the affine).
+        scl_slope: header scaling slope (None when unused).
+        scl_inter: header scaling intercept (None when unused).
+        data_offset: byte offset of the voxel data in the (decompressed) file.
+    """
+
+    path: Path
+    format: str
+    shape: tuple[int, ...]
+    dtype: str
+    affine: np.ndarray
+    affine_source: str
+    orientation: str
+    spacing: tuple[float, float, float]
+    scl_slope: float | None
+    scl_inter: float | None
+    data_offset: int
+
+    @property
+    def spatial_shape(self) -> tuple[int, int, int]:
+        """The first three dimensions (the voxel grid)."""
+        return (self.shape[0], self.shape[1], self.shape[2])
+
+    @property
+    def n_voxels(self) -> int:
+        """Number of voxels the header promises (all dimensions)."""
+        return int(np.prod(self.shape, dtype=object))
+
+
+def check_affine(affine: np.ndarray, source: str) -> np.ndarray:
+    """Return ``affine`` as a float64 4x4 array, or raise ``QuarantineError("bad_affine")``.
+
+    Args:
+        affine: 4x4 voxel-to-world matrix (mm).
+        source: file name (or other label) used in the message.
+
+    Raises:
+        ShapeError: ``affine`` is not 4x4.
+        QuarantineError: non-finite entries, a bottom row other than (0, 0, 0, 1), or a
+            singular / near-singular 3x3 part (condition number > 1e6).
+    """
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4):
+        raise ShapeError(f"`affine` must be a 4x4 array, got shape {a.shape}")
+    if not np.isfinite(a).all():
+        raise QuarantineError("bad_affine", f"{source}: affine has non-finite entries: {_fmt(a)}")
+    if not np.allclose(a[3], (0, 0, 0, 1)):
+        raise QuarantineError("bad_affine", f"{source}: affine bottom row must be (0, 0, 0, 1), "
+                                            f"got {a[3].tolist()}")
+    m = a[:3, :3]
+    if np.linalg.norm(m, axis=0).min() <= 0 or np.linalg.cond(m) > _MAX_CONDITION:
+        raise QuarantineError("bad_affine", f"{source}: affine is singular (a voxel axis has no "
+                                            f"length or axes coincide): {_fmt(a)}")
+    return a
+
+
+def _fmt(a: np.ndarray) -> str:
+    """A matrix on one line (quarantine messages are one line each)."""
+    return str(np.round(a, 4).tolist())
+
+
+def _unreadable(path: Path, what: str) -> QuarantineError:
+    return QuarantineError("unreadable", f"{path}: {what}")
+
+
+def _read_header(path: Path) -> nib.Nifti1Header:
+    """Parse the header of a single-file NIfTI-1/2 image (reads at most the header bytes)."""
+    if not path.exists():
+        raise QuarantineError("missing_file", f"{path}: file does not exist")
+    if not path.name.endswith((".nii", ".nii.gz")):
+        raise _unreadable(path, "not a NIfTI file name (expected .nii or .nii.gz)")
+    try:
+        with nib.openers.ImageOpener(str(path), "rb") as f:
+            block = f.read(nib.Nifti2Header.sizeof_hdr)
+            f.seek(0)
+            if nib.Nifti2Header.may_contain_header(block):
+                header = nib.Nifti2Header.from_fileobj(f)
+            elif nib.Nifti1Header.may_contain_header(block):
+                header = nib.Nifti1Header.from_fileobj(f)
+            else:
+                raise _unreadable(path, "not a NIfTI-1/2 file (no NIfTI header found)")
+    except QuarantineError:
+        raise
+    except _READ_ERRORS as e:
+        raise _unreadable(path, f"cannot read the header ({type(e).__name__}: {e})") from None
+    if header["magic"] not in (b"n+1", b"n+2"):
+        raise _unreadable(path, "a NIfTI pair header (.hdr/.img); convert it to a single .nii")
+    return header
+
+
+def _header_affine(header: nib.Nifti1Header, path: Path) -> tuple[np.ndarray, str]:
+    if header["sform_code"] > 0:
+        return header.get_sform(), "sform"
+    if header["qform_code"] > 0:
+        try:
+            return header.get_qform(), "qform"
+        except ValueError as e:  # an invalid quaternion (b, c, d) in the header
+            raise QuarantineError("bad_affine", f"{path}: invalid qform ({e})") from None
+    raise QuarantineError(
+        "bad_affine", f"{path}: sform_code and qform_code are both 0, so the header gives no "
+                      "voxel-to-world orientation (left/right would be a guess)")
+
+
+def inspect_header(path: str | Path, config: PreprocessConfig) -> HeaderInfo:
+    """Read and check a NIfTI header without reading any voxel.
+
+    Checks, in order: the file exists and holds a single-file NIfTI-1/2 header (`unreadable`);
+    3-D or 4-D+ with singleton extra dimensions (`wrong_dims`); voxel count at most
+    ``config.max_voxels`` (`too_large`); an uncompressed file holds all the voxel bytes its
+    header promises (`unreadable`); a valid affine (`bad_affine`).
+
+    Args:
+        path: .nii or .nii.gz file.
+        config: preprocessing configuration (only ``max_voxels`` is used).
+
+    Returns:
+        The header's description of the image.
+
+    Raises:
+        QuarantineError: with the categories listed above (and `missing_file`).
+    """
+    path = Path(path)
+    header = _read_header(path)
+    fmt = "NIfTI-2" if isinstance(header, nib.Nifti2Header) else "NIfTI-1"
+    try:
+        shape = tuple(int(s) for s in header.get_data_shape())
+        dtype = np.dtype(header.get_data_dtype())
+    except _READ_ERRORS as e:
+        raise _unreadable(path, f"invalid header ({e})") from None
+    if dtype.kind not in "biuf" or dtype.fields is not None:
+        raise _unreadable(path, f"voxel type {dtype} is not a real scalar type")
+    if len(shape) < 3 or any(s != 1 for s in shape[3:]) or min(shape[:3]) < 2:
+        raise QuarantineError(
+            "wrong_dims", f"{path}: shape {shape} is not a 3-D volume (or 4-D with one volume)")
+    n_voxels = int(np.prod(shape, dtype=object))
+    if n_voxels > config.max_voxels:
+        raise QuarantineError(
+            "too_large", f"{path}: header promises {'x'.join(map(str, shape))} = {n_voxels:,} "
+                         f"voxels ({n_voxels * 4 / 2**30:.1f} GiB as float32), more than "
+                         f"max_voxels={config.max_voxels:,}")
+    if not path.name.endswith(".gz"):
+        need = int(header.get_data_offset()) + n_voxels * dtype.itemsize
+        have = path.stat().st_size
+        if have < need:
+            raise _unreadable(path, f"truncated: header promises {need:,} bytes, file has "
+                                    f"{have:,}")
+    affine, affine_source = _header_affine(header, path)
+    affine = check_affine(affine, str(path))
+    slope, inter = header.get_slope_inter()
+    return HeaderInfo(
+        path=path, format=fmt, shape=shape, dtype=str(dtype), affine=affine,
+        affine_source=affine_source, orientation="".join(nib.aff2axcodes(affine)),
+        spacing=tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0)),
+        scl_slope=None if slope is None else float(slope),
+        scl_inter=None if inter is None else float(inter),
+        data_offset=int(header.get_data_offset()),
+    )
+
+
+def check_voxels(data: np.ndarray, source: str) -> None:
+    """Raise ``QuarantineError`` for non-finite voxels (`nonfinite`) or a constant image (`empty`).
+
+    Args:
+        data: voxel array of any shape (float).
+        source: file name (or other label) used in the message.
+    """
+    lo, hi = float(data.min()), float(data.max())
+    if not (np.isfinite(lo) and np.isfinite(hi)):  # min/max propagate NaN; inf shows directly
+        n_bad = int(data.size - np.count_nonzero(np.isfinite(data)))
+        raise QuarantineError("nonfinite", f"{source}: {n_bad:,} voxel(s) are NaN or inf")
+    if lo == hi:
+        raise QuarantineError("empty", f"{source}: every voxel equals {lo:g} (constant image)")
+
+
+def _read_bytes(path: Path, need: int) -> bytes:
+    """The first ``need`` bytes of the (decompressed) file.
+
+    A .nii.gz is then read to its end, discarding the rest, so that gzip checks the stream's
+    CRC: nibabel alone stops after the voxels and would accept a corrupted stream.
+    """
+    if not path.name.endswith(".gz"):
+        with path.open("rb") as f:
+            raw = f.read(need)
+    else:
+        with gzip.open(path, "rb") as f:
+            raw = f.read(need)
+            while f.read(1 << 20):
+                pass
+    if len(raw) < need:
+        raise EOFError(f"truncated: header promises {need:,} bytes, file holds {len(raw):,}")
+    return raw
+
+
+def load_volume(path: str | Path, config: PreprocessConfig,
+                ) -> tuple[np.ndarray, np.ndarray, HeaderInfo]:
+    """Check the header, then read the voxels as float32 with ``scl_slope``/``scl_inter`` applied.
+
+    Args:
+        path: .nii or .nii.gz file.
+        config: preprocessing configuration (``max_voxels``).
+
+    Returns:
+        ``(data, affine, info)``: float32 array of shape ``info.spatial_shape`` (a 4-D image with
+        one volume is returned as 3-D), the 4x4 voxel-to-world affine (mm, float64), and the
+        header description.
+
+    Raises:
+        QuarantineError: any category of :func:`inspect_header`, `unreadable` when the voxel
+            data cannot be read (truncated or corrupt stream), `nonfinite`, `empty`.
+    """
+    info = inspect_header(path, config)
+    klass = nib.Nifti2Image if info.format == "NIfTI-2" else nib.Nifti1Image
+    need = info.data_offset + info.n_voxels * np.dtype(info.dtype).itemsize
+    try:
+        raw = _read_bytes(info.path, need)
+        img = klass.from_bytes(raw)
+        data = img.get_fdata(dtype=np.float32, caching="unchanged")
+    except _READ_ERRORS as e:
+        raise _unreadable(info.path, f"cannot read the voxel data ({type(e).__name__}: "
+                                     f"{str(e).strip()})") from None
+    if data.dtype != np.float32:  # nibabel may widen to hold the scaled range
+        data = data.astype(np.float32)
+    data = data.reshape(info.spatial_shape)
+    check_voxels(data, str(info.path))
+    return data, info.affine, info

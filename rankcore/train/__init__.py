@@ -1,0 +1,29 @@
+"""Training of the cascade: per-worker loops (plain functions) and, lazily, the Ray launcher.
+
+Importing this package imports neither Ray nor ``torch.distributed`` collectives; the Ray
+Train launcher lives in :mod:`rankcore.train.ray_train` and is imported on use.
+"""
+
+from rankcore.train.checkpoint import load_stage_model
+from rankcore.train.config import TrainConfig
+from rankcore.train.crossfit import CrossFit, cross_fit_stage1
+from rankcore.train.data import SubjectData, encode_sex, stratified_folds
+from rankcore.train.loop import StageResult, resolve_device, train_stage
+from rankcore.train.predict import evaluate, predict
+from rankcore.train.synthetic import synthetic_subjects
+
+__all__ = [
+    "CrossFit",
+    "StageResult",
+    "SubjectData",
+    "TrainConfig",
+    "cross_fit_stage1",
+    "encode_sex",
+    "evaluate",
+    "load_stage_model",
+    "predict",
+    "resolve_device",
+    "stratified_folds",
+    "synthetic_subjects",
+    "train_stage",
+]

@@ -1,0 +1,135 @@
+"""The `ingest` Prefect flow on a tiny real cohort: 4 NIfTI files and one corrupt file.
+
+Runs against the session's temporary Prefect server (fixture ``prefect_server``).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from flows.ingest import ingest_flow, run_cli
+from flows.params import IngestParams
+from rankcore.cache import open_cache
+
+pytestmark = pytest.mark.prefect
+
+REPO = Path(__file__).resolve().parents[1]
+SHAPE = (12, 14, 10)
+
+
+def _write_head(path: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    x = np.zeros((30, 34, 26), np.float32)
+    x[5:25, 6:29, 4:21] = 100.0
+    x[8:14, 10:16, 8:12] = 160.0 + 10 * rng.random()
+    x += rng.normal(0.0, 3.0, x.shape).astype(np.float32)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-30.0, -34.0, -26.0]
+    nib.save(nib.Nifti1Image(x, affine), path)
+
+
+@pytest.fixture()
+def manifest(tmp_path) -> Path:
+    """cohort.csv: sub-01..sub-04 good .nii.gz files, sub-05 a corrupt one."""
+    root = tmp_path / "cohort"
+    root.mkdir()
+    rows = []
+    for i in range(1, 5):
+        _write_head(root / f"sub-{i:02d}.nii.gz", i)
+        rows.append((f"sub-{i:02d}", f"sub-{i:02d}.nii.gz", str(20 + 10 * i),
+                     "F" if i % 2 else "M", "train" if i < 4 else "test"))
+    (root / "sub-05.nii.gz").write_bytes(b"\x1f\x8b\x08 truncated gzip")
+    rows.append(("sub-05", "sub-05.nii.gz", "70", "M", "test"))
+    path = root / "cohort.csv"
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["participant_id", "path", "age", "sex", "split"])
+        w.writerows(rows)
+    return path
+
+
+def _params(manifest: Path, cache: Path, **kw) -> IngestParams:
+    return IngestParams(cohort=str(manifest), cache=str(cache), spacing=4.0, shape=SHAPE, **kw)
+
+
+def test_ingest_flow_fills_the_cache_and_a_rerun_reuses_everything(
+        prefect_server, manifest, tmp_path):
+    cache = tmp_path / "cache"
+    summary = ingest_flow(_params(manifest, cache))
+    json.dumps(summary)  # JSON-able
+    assert (summary["total"], summary["ingested"], summary["reused"]) == (5, 4, 0)
+    assert summary["quarantined"]["unreadable"] == 1 and summary["n_quarantined"] == 1
+    assert summary["failed_fraction"] == pytest.approx(0.2)
+    view = open_cache(cache)
+    assert view.keys == ["sub-01", "sub-02", "sub-03", "sub-04"]
+    assert view.table.column("age").to_pylist() == [30.0, 40.0, 50.0, 60.0]
+    assert view.splits == ["test", "train"]
+    assert view.read_volume(0).shape == SHAPE
+    q = pq.read_table(summary["quarantine_path"]).to_pylist()
+    assert [(r["participant_id"], r["category"]) for r in q] == [("sub-05", "unreadable")]
+    assert q[0]["source"].endswith("sub-05.nii.gz") and q[0]["message"]
+
+    again = ingest_flow(_params(manifest, cache))
+    assert (again["ingested"], again["reused"], again["n_quarantined"]) == (0, 4, 1)
+    assert again["cache_path"] == summary["cache_path"]
+
+
+def test_run_cli_exit_code_follows_max_failed_fraction(prefect_server, manifest, tmp_path,
+                                                       capsys):
+    cache = tmp_path / "cache"
+    assert run_cli(_params(manifest, cache, max_failed_fraction=0.5)) == 0
+    out, err = capsys.readouterr()
+    assert "ingested 4, reused 0, quarantined 1 of 5" in out
+    assert "quarantined by category: unreadable 1" in out and "error" not in err
+    assert run_cli(_params(manifest, cache, max_failed_fraction=0.1)) == 3
+    out, err = capsys.readouterr()
+    assert "ingested 0, reused 4, quarantined 1 of 5" in out  # the summary is printed too
+    err_lines = [line for line in err.splitlines() if line.startswith("brainrank ingest")]
+    assert len(err_lines) == 1 and "--max-failed-fraction 0.1" in err_lines[0]
+
+
+@pytest.mark.slow
+def test_process_pool_workers_give_the_same_cache(prefect_server, manifest, tmp_path):
+    one = ingest_flow(_params(manifest, tmp_path / "one"))
+    two = ingest_flow(_params(manifest, tmp_path / "two", workers=2))
+    assert (one["ingested"], two["ingested"]) == (4, 4)
+    assert open_cache(tmp_path / "one").table.equals(open_cache(tmp_path / "two").table)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_ray_engine_inside_the_flow_matches_local(prefect_server, ray_cluster, manifest,
+                                                  tmp_path):
+    local = ingest_flow(_params(manifest, tmp_path / "local"))
+    remote = ingest_flow(_params(manifest, tmp_path / "ray", engine="ray", workers=2))
+    for key in ("total", "ingested", "reused", "quarantined", "failed_fraction"):
+        assert local[key] == remote[key]
+    assert open_cache(tmp_path / "local").table.equals(open_cache(tmp_path / "ray").table)
+
+
+@pytest.mark.slow
+def test_python_m_flows_ingest_runs_the_cli(prefect_server, manifest, tmp_path):
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}
+    cache = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "flows.ingest", str(manifest), "--cache", str(cache),
+           "--spacing", "4", "--shape", *map(str, SHAPE)]
+    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "ingested 4, reused 0, quarantined 1 of 5" in done.stdout
+    failing = subprocess.run([*cmd, "--max-failed-fraction", "0.1"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert failing.returncode == 3 and "reused 4" in failing.stdout
+    assert "--max-failed-fraction" in failing.stderr
