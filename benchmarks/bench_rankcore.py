@@ -3,8 +3,9 @@
 Run: ``python benchmarks/bench_rankcore.py [--repeat K] [--threads T]``. Not a test: it prints
 Markdown tables (paste them into the README's performance section). Every comparison runs in
 one process on the same inputs; each time is the best of K repeats (``time.perf_counter``),
-each repeat averaging enough calls to last >= 20 ms. "speed-up" = reference time / our time,
-so > 1 means rankcore is faster.
+each repeat averaging enough calls to last ~5 ms, the reference and rankcore timed in turn
+within every repeat so that load on a shared machine hits both alike.
+"speed-up" = reference time / our time, so > 1 means rankcore is faster.
 
 References:
     * ``rank``: ``scipy.stats.rankdata(a, axis=-1)`` (vectorised over rows).
@@ -42,29 +43,41 @@ SOFT_SIZES = (32, 128, 512, 1024, 4096)
 SOFT_STRENGTH_TIMES_N = 0.1  # strength = 0.1 / N: ~1/25 of the typical gap of N(0, 1) data
 
 
-def best_time(fn: Callable[[], object], repeat: int, sync: Callable[[], None] | None = None,
-              min_repeat_s: float = 0.02) -> float:
-    """Best-of-``repeat`` seconds per call of ``fn`` (each repeat averages >= min_repeat_s)."""
-    sync = sync or (lambda: None)
+def _calibrate(fn: Callable[[], object], sync: Callable[[], None],
+               min_repeat_s: float) -> int:
+    """Calls per repeat so that one repeat lasts about ``min_repeat_s``."""
     fn()
     sync()
-    number, t = 1, 0.0
-    while True:  # calibrate the calls per repeat
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        sync()
-        t = time.perf_counter() - t0
-        if t >= min_repeat_s or number >= 10_000:
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    once = max(time.perf_counter() - t0, 1e-7)
+    return max(1, min(10_000, int(min_repeat_s / once)))
+
+
+def best_times(fns: list[Callable[[], object]], repeat: int,
+               sync: Callable[[], None] | None = None,
+               min_repeat_s: float = 0.005, max_total_s: float = 4.0) -> list[float]:
+    """Best-of-``repeat`` seconds per call of each function in ``fns``.
+
+    The functions are timed in turn inside every repeat (interleaved), so a burst of load on a
+    shared machine hits the reference and rankcore alike; each repeat averages enough calls to
+    last about ``min_repeat_s``. Stops early (after at least 3 repeats) once ``max_total_s``
+    is spent, for slow references such as a Python loop of spearmanr.
+    """
+    sync = sync or (lambda: None)
+    numbers = [_calibrate(fn, sync, min_repeat_s) for fn in fns]
+    best = [float("inf")] * len(fns)
+    start = time.perf_counter()
+    for i in range(repeat):
+        if i >= 3 and time.perf_counter() - start > max_total_s:
             break
-        number *= 2 if t <= 0 else max(2, min(10, int(min_repeat_s / t) + 1))
-    best = t / number
-    for _ in range(repeat - 1):
-        t0 = time.perf_counter()
-        for _ in range(number):
-            fn()
-        sync()
-        best = min(best, (time.perf_counter() - t0) / number)
+        for k, (fn, number) in enumerate(zip(fns, numbers)):
+            t0 = time.perf_counter()
+            for _ in range(number):
+                fn()
+            sync()
+            best[k] = min(best[k], (time.perf_counter() - t0) / number)
     return best
 
 
@@ -92,16 +105,18 @@ def rank_table(repeat: int) -> list[str]:
         a = rng.integers(18, 91, shape).astype(np.float64)
         b = rng.integers(18, 91, shape).astype(np.float64)
         n = shape[-1]
-        ref_rank = best_time(lambda a=a: scipy.stats.rankdata(a, axis=-1), repeat)
-        ref_tied = best_time(lambda a=a, n=n: (n + 1 - scipy.stats.rankdata(a, axis=-1)) / n,
-                             repeat)
+
+        def ref_rank(a=a):
+            return scipy.stats.rankdata(a, axis=-1)
+
+        def ref_tied(a=a, n=n):
+            return (n + 1 - scipy.stats.rankdata(a, axis=-1)) / n
 
         def spearman_loop(a=a, b=b):
             return [scipy.stats.spearmanr(a[i], b[i]).statistic for i in range(a.shape[0])]
 
-        ref_srcc = best_time(spearman_loop, repeat)
         # same answers before timing anything
-        np.testing.assert_array_equal(rank(a).numpy(), scipy.stats.rankdata(a, axis=-1))
+        np.testing.assert_array_equal(rank(a).numpy(), ref_rank())
         np.testing.assert_allclose(srcc(a, b), spearman_loop(), atol=1e-6)
         for device in _devices():
             ta = torch.from_numpy(a).to(device)
@@ -111,10 +126,10 @@ def rank_table(repeat: int) -> list[str]:
                 ("rank", "rankdata(axis=-1)", ref_rank, lambda ta=ta: rank(ta)),
                 ("get_tiedrank", "(N+1-rankdata)/N", ref_tied,
                  lambda ta=ta: get_tiedrank(ta, dim=-1)),
-                ("srcc", "loop of spearmanr", ref_srcc, lambda ta=ta, tb=tb: srcc(ta, tb)),
+                ("srcc", "loop of spearmanr", spearman_loop, lambda ta=ta, tb=tb: srcc(ta, tb)),
             )
-            for op, ref_name, ref_t, fn in cases:
-                t = best_time(fn, repeat, sync)
+            for op, ref_name, ref_fn, fn in cases:
+                ref_t, t = best_times([ref_fn, fn], repeat, sync)
                 rows.append(f"| {op} | {shape} | {device} | {ref_name} | {fmt_time(ref_t)} "
                             f"| {fmt_time(t)} | {ref_t / t:.2f}× |")
     return rows
@@ -136,8 +151,8 @@ def ld_table(repeat: int) -> list[str]:
                 d = (e[:, None] - e[None, :]).triu(1)
                 return d.square().sum() / (n * (n - 1) / 2)
 
-            ref_t = best_time(naive, repeat, sync)
-            ours_t = best_time(lambda p=p, t=t: age_difference_loss(p, t), repeat, sync)
+            ref_t, ours_t = best_times([naive, lambda p=p, t=t: age_difference_loss(p, t)],
+                                       repeat, sync)
             rel = abs(float(naive()) - float(age_difference_loss(p, t))) / float(naive())
             rows.append(f"| {n} | {device} | {fmt_time(ref_t)} | {fmt_time(ours_t)} "
                         f"| {ref_t / ours_t:.0f}× | {rel:.1e} |")
@@ -164,20 +179,19 @@ def soft_table(repeat: int) -> list[str]:
         for device in _devices():
             x, w = x0.to(device), w0.to(device)
             sync = _sync_for(device)
-            cells, errs, both = [], [], []
+            fwds, fwd_bwds, errs = [], [], []
             for method in ("pav", "pairwise"):
-                fwd = best_time(lambda x=x, m=method, s=strength: soft_rank(x, method=m,
-                                                                            strength=s),
-                                repeat, sync)
+                fwds.append(lambda x=x, m=method, s=strength: soft_rank(x, method=m, strength=s))
 
                 def fwd_bwd(x=x, w=w, m=method, s=strength):
                     xr = x.detach().requires_grad_()
                     (soft_rank(xr, method=m, strength=s) * w).sum().backward()
 
-                both.append(best_time(fwd_bwd, repeat, sync))
-                cells.append(fwd)
+                fwd_bwds.append(fwd_bwd)
                 r = soft_rank(x, method=method, strength=strength).cpu()
                 errs.append(float((r - exact).abs().max()))
+            cells = best_times(fwds, repeat, sync)
+            both = best_times(fwd_bwds, repeat, sync)
             rows.append(f"| {n} | {device} | {fmt_time(cells[0])} | {fmt_time(cells[1])} "
                         f"| {fmt_time(both[0])} | {fmt_time(both[1])} | {both[1] / both[0]:.1f}× "
                         f"| {errs[0]:.1e} | {errs[1]:.1e} |")
@@ -186,7 +200,7 @@ def soft_table(repeat: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=15, help="best of K repeats (15)")
+    parser.add_argument("--repeat", type=int, default=30, help="best of K repeats (30)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's own choice)")
     args = parser.parse_args(argv)
@@ -196,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"torch {torch.__version__}, numpy {np.__version__}, scipy {scipy.__version__}, "
           f"python {platform.python_version()}")
     print(f"torch threads: {torch.get_num_threads()}, CPU cores: {os.cpu_count()} "
-          f"({platform.machine()}), CUDA: {cuda}; best of {args.repeat}")
+          f"({platform.machine()}), CUDA: {cuda}; best of {args.repeat}; load average "
+          f"{os.getloadavg()[0]:.1f} (timings on a busy machine are noisy)")
     print("\n### Exact ranks and SRCC (integer ages 18..90, heavy ties; speed-up = ref ÷ ours)\n")
     print("\n".join(rank_table(args.repeat)))
     print("\n### Age-difference loss Ld (eq. 5) over all pairs\n")

@@ -49,14 +49,15 @@ class _ToRunLogger(logging.Handler):
 @contextlib.contextmanager
 def _forward_cache_logs(target: logging.LoggerAdapter) -> Iterator[None]:
     source = logging.getLogger("rankcore.cache")
-    handler, old_level = _ToRunLogger(target), source.level
+    handler, old = _ToRunLogger(target), (source.level, source.propagate)
     source.addHandler(handler)
     source.setLevel(logging.INFO)
+    source.propagate = False  # the run logger prints to the console already
     try:
         yield
     finally:
         source.removeHandler(handler)
-        source.setLevel(old_level)
+        source.level, source.propagate = old
 
 
 def _run_local(plan: IngestPlan, workers: int) -> None:

@@ -28,14 +28,18 @@ import torch
 
 from rankcore._validate import as_tensor, check_finite, check_ranked_dim, check_same_shape
 from rankcore.errors import InputError
-from rankcore.ranks import rank
+from rankcore.ranks import _fractional
 
 __all__ = ["mae", "pearson_r", "r2", "rmse", "srcc"]
 
 
-def _pair(a: Any, b: Any, name_a: str, name_b: str,
-          dim: int) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
-    """Validate a pair of inputs; return (a, b, normalised dim, True if a tensor was given)."""
+def _pair(a: Any, b: Any, name_a: str, name_b: str, dim: int,
+          check_values: bool = True) -> tuple[torch.Tensor, torch.Tensor, int, bool]:
+    """Validate a pair of inputs; return (a, b, normalised dim, True if a tensor was given).
+
+    ``check_values=False`` skips the NaN/inf scan, for callers that rank the inputs (ranking
+    checks finiteness itself, after its sort, at no extra pass).
+    """
     as_torch = isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor)
     ta = as_tensor(a, name_a)
     tb = as_tensor(b, name_b)
@@ -47,8 +51,9 @@ def _pair(a: Any, b: Any, name_a: str, name_b: str,
     ta, tb = ta.to(device=device, dtype=dtype), tb.to(device=device, dtype=dtype)
     check_same_shape(ta, tb, name_a, name_b)
     dim = check_ranked_dim(ta, name_a, dim)
-    check_finite(ta, name_a)
-    check_finite(tb, name_b)
+    if check_values:
+        check_finite(ta, name_a)
+        check_finite(tb, name_b)
     return ta, tb, dim, as_torch
 
 
@@ -80,6 +85,24 @@ def _correlation(x: torch.Tensor, y: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.where(constant, torch.full_like(r, float("nan")), r)
 
 
+def _correlation_numpy(x: np.ndarray, y: np.ndarray, axis: int) -> np.ndarray:
+    """:func:`_correlation` in numpy (float64), for CPU ranks that need no gradient.
+
+    Same formula and NaN rule; numpy's single-threaded kernels stay fast on a busy CPU where
+    torch's intra-op thread pool can stall.
+    """
+    x, y = x.astype(np.float64), y.astype(np.float64)
+    xc = x - x.mean(axis, keepdims=True)
+    yc = y - y.mean(axis, keepdims=True)
+    num = np.einsum("...i,...i->...", np.moveaxis(xc, axis, -1), np.moveaxis(yc, axis, -1))
+    den = np.sqrt(np.square(xc).sum(axis) * np.square(yc).sum(axis))
+    first = [slice(None)] * x.ndim
+    first[axis] = slice(0, 1)
+    constant = (x == x[tuple(first)]).all(axis) | (y == y[tuple(first)]).all(axis)
+    r = np.clip(num / np.where(constant, 1.0, den), -1.0, 1.0)
+    return np.where(constant, np.nan, r)
+
+
 def srcc(a: Any, b: Any, dim: int = -1) -> Any:
     """Spearman's rank correlation coefficient along ``dim``, with fractional ranks for ties.
 
@@ -100,8 +123,13 @@ def srcc(a: Any, b: Any, dim: int = -1) -> Any:
         InputError: NaN or inf in an input, non-numeric input, or inputs on different devices.
         ShapeError: Shapes differ, input is 0-d or empty, or ``dim`` is out of range.
     """
-    ta, tb, dim, as_torch = _pair(a, b, "a", "b", dim)
-    r = _correlation(rank(ta, dim=dim), rank(tb, dim=dim), dim)
+    ta, tb, dim, as_torch = _pair(a, b, "a", "b", dim, check_values=False)
+    ra = _fractional(ta, dim, "ascending", name="a")  # = rank(), naming the argument
+    rb = _fractional(tb, dim, "ascending", name="b")
+    if ra.device.type == "cpu":
+        r = torch.from_numpy(np.asarray(_correlation_numpy(ra.numpy(), rb.numpy(), dim)))
+    else:
+        r = _correlation(ra, rb, dim)
     return _out(r, ta.dtype, as_torch)
 
 

@@ -3,36 +3,41 @@
 Both methods return ascending soft ranks on the 1..N scale of :func:`rankcore.ranks.rank`
 (the smallest value gets ~1, the largest ~N), are batched over any leading shape with no Python
 loop over batch rows, run on the input's device, and converge to the exact fractional ranks of
-``rank`` as ``strength -> 0`` (tied values get their average rank at every strength).
+``rank`` as ``strength -> 0``; tied values share one soft rank at every strength.
 ``strength`` is on the scale of ``x``: ``soft_rank(a * x, strength=a * s) == soft_rank(x,
 strength=s)`` for ``a > 0``, and adding a constant to ``x`` changes nothing.
 
 ``method="pairwise"``: ``r_i = 1/2 + sum_j sigmoid((x_i - x_j) / strength)``, the sum running
 over all j (the j = i term is 1/2), i.e. ``1 + sum_{j != i} sigmoid(...)``. Ranks sum to
-N(N+1)/2; the error against exact ranks is about ``sum_j exp(-|x_i - x_j| / strength)``.
-O(N^2) time per row; memory O(N) per row beyond a bounded work buffer (the N x N sigmoid
-matrix is never stored: the forward and the exact backward are evaluated in row chunks).
+N(N+1)/2; the error against exact ranks is at most ``sum_{x_j != x_i} exp(-|x_i - x_j| /
+strength)`` (ties contribute exactly 1/2 each, hence their average rank).
+O(N^2) time per row; memory O(N) per row beyond one bounded work buffer (the N x N sigmoid
+matrix is never stored: the forward and the exact backward are evaluated in row chunks; only a
+double backward, ``create_graph=True``, builds the full (B, N, N) matrices).
 
 ``method="pav"``: the quadratically regularised soft rank of Blondel, Teboul, Berthet and
-Djolonga, "Fast Differentiable Sorting and Ranking", ICML 2020 (arXiv:2002.08871): the
-Euclidean projection onto the permutahedron P(rho) = conv{permutations of rho},
-rho = (N, N-1, ..., 1),
+Djolonga, "Fast Differentiable Sorting and Ranking", ICML 2020 (arXiv:2002.08871), i.e. the
+Euclidean projection of ``x / strength`` onto the permutahedron P(rho), the convex hull of the
+permutations of rho = (N, N-1, ..., 1):
 
-    r(x) = P_Q(x / strength, rho) = argmin_{mu in P(rho)} 1/2 ||mu - x / strength||^2,
+    r(x) = P_Q(x / strength, rho) = argmin_{mu in P(rho)} 1/2 ||mu - x / strength||^2.
 
-the paper's soft rank r_{eps Q} (Sec. 3, "soft operators", with P_{eps Q}(z, w) = P_Q(z / eps,
-w)) with eps = strength, taken of ``-x`` so that ranks ascend (the paper's ranks descend).
-It is computed by the paper's reduction to isotonic optimisation (Sec. 4, Prop. 3): with
-z = x / strength, s = z sorted in descending order (permutation sigma) and
-v = argmin_{v_1 >= ... >= v_N} 1/2 ||v - (s - rho)||^2 (isotonic regression, solved by
-pool-adjacent-violators), r_sigma = s - v. The Jacobian of v is block-diagonal with the
-averaging matrix 1 1^T / |B| on every pooled block B (Sec. 4, differentiation), so the exact
-vector-Jacobian product is ``(g - blockmean(g)) / strength`` in sorted order, mapped back
-through sigma. Properties: ranks sum to N(N+1)/2 exactly; they equal the exact ranks as soon
-as ``strength <= `` the smallest gap between sorted values (no ties; with tie groups of sizes
-a, b around a gap, ``strength <= gap / ((a + b) / 2)``); once ``strength >= 2 range(x) / N``
-the whole row is one pooled block and ``r = (N + 1) / 2 + (x - mean(x)) / strength`` exactly,
-so every rank tends to (N + 1) / 2, linearly in x (soft Spearman becomes Pearson).
+In the paper's notation (Sec. 3, regularised projections P_Q(z, w) with Q = 1/2 ||.||^2, and
+P_{eps Q}(z, w) = P_Q(z / eps, w); soft rank r_{eps Q}(theta) = P_{eps Q}(-theta, rho), which
+ranks in DESCENDING order) this is r_{eps Q}(-x) with eps = strength. It is computed by the
+paper's reduction to isotonic optimisation (Sec. 4.1, Prop. 3): with z = x / strength,
+s = z sorted in descending order (permutation sigma) and the isotonic regression
+v = argmin_{v_1 >= ... >= v_N} 1/2 ||v - (s - rho)||^2, solved by pool-adjacent-violators,
+r_sigma = s - v. The Jacobian of v is block-diagonal with the averaging matrix 1 1^T / |B| on
+every pooled block B (Sec. 4.3), so the exact vector-Jacobian product is
+``(g - blockmean(g)) / strength`` in sorted order, mapped back through sigma.
+Properties: ranks sum to N(N+1)/2 exactly; they equal the exact ranks as soon as
+``strength <=`` the smallest gap between sorted values (without ties; with tie groups of
+sizes a, b on either side of a gap, ``strength <= gap / ((a + b) / 2)``), so unlike pairwise
+the relevant scale is the gap between NEIGHBOURING values (dense data pooled at too large a
+strength gets compressed ranks); once ``strength >= 2 range(x) / N`` the whole row is one
+pooled block and ``r = (N + 1) / 2 + (x - mean(x)) / strength`` exactly, so every rank tends
+to (N + 1) / 2, linearly in x (soft Spearman becomes Pearson).
 
 Cost of ``pav``: one sort, O(N log N), plus the isotonic regression. On CPU the whole batch
 is solved by ONE call of scipy's C++ PAV (``scipy.optimize.isotonic_regression``, O(N) per row):
@@ -66,9 +71,11 @@ __all__ = ["SOFT_RANK_METHODS", "soft_rank"]
 
 SOFT_RANK_METHODS = ("pav", "pairwise")
 
-# Elements of the (rows, chunk, N) work buffer of the pairwise method: bounds its memory
-# (2**22 float64 = 32 MiB) whatever the batch size and N.
-_PAIRWISE_CHUNK_ELEMENTS = 2**22
+# Elements of the (rows, chunk, N) work buffer of the pairwise method, which bounds its memory
+# whatever the batch size and N: 2**20 on CPU (8 MiB in float64, cache-friendly), 64 times
+# that on accelerators, where fewer, larger kernels pay off.
+_PAIRWISE_CHUNK_ELEMENTS = 2**20
+_ACCELERATOR_CHUNK_FACTOR = 64
 
 
 def soft_rank(
@@ -121,11 +128,21 @@ def soft_rank(
 # --------------------------------------------------------------------------- pairwise
 
 
-def _row_chunks(n_rows: int, n: int):
-    """Yield slices of the compared axis so that (rows, chunk, n) stays near the buffer size."""
-    step = max(1, _PAIRWISE_CHUNK_ELEMENTS // max(1, n_rows * n))
+def _scaled_differences(x: torch.Tensor, tau: float):
+    """Yield ``(sl, D)`` with ``D = (x[:, sl, None] - x[:, None, :]) / tau`` of shape
+    (B, chunk, N), chunk sized so that D holds about ``_PAIRWISE_CHUNK_ELEMENTS`` values.
+
+    Every D is a view of ONE work buffer, overwritten by the next chunk (no autograd graph).
+    """
+    n_rows, n = x.shape
+    budget = _PAIRWISE_CHUNK_ELEMENTS * (1 if x.device.type == "cpu" else _ACCELERATOR_CHUNK_FACTOR)
+    step = min(n, max(1, budget // (n_rows * n)))
+    buf = torch.empty(n_rows * step * n, dtype=x.dtype, device=x.device)
     for a in range(0, n, step):
-        yield slice(a, min(a + step, n))
+        sl = slice(a, min(a + step, n))
+        d = buf[: n_rows * (sl.stop - a) * n].view(n_rows, sl.stop - a, n)
+        torch.sub(x[:, sl, None], x[:, None, :], out=d)
+        yield sl, d.div_(tau)
 
 
 class _PairwiseSoftRank(torch.autograd.Function):
@@ -136,24 +153,26 @@ class _PairwiseSoftRank(torch.autograd.Function):
         ctx.save_for_backward(x)
         ctx.tau = tau
         out = torch.empty_like(x)
-        for sl in _row_chunks(*x.shape):
-            d = x[:, sl, None] - x[:, None, :]  # (B, chunk, N)
-            out[:, sl] = d.div_(tau).sigmoid_().sum(dim=-1).add_(0.5)
-        return out
+        for sl, d in _scaled_differences(x.detach(), tau):
+            torch.sum(d.sigmoid_(), dim=-1, out=out[:, sl])
+        return out.add_(0.5)
 
     @staticmethod
     def backward(ctx, g: torch.Tensor):
         # d r_i / d x_k = (delta_ik sum_j s'(d_ij) - s'(d_ik)) / tau with s' = s (1 - s) even,
         # so grad_k = (g_k sum_j W_kj - sum_j W_kj g_j) / tau with W_kj = s'((x_k - x_j) / tau).
-        # Out-of-place ops so that a double backward (create_graph=True) can trace them.
         (x,) = ctx.saved_tensors
-        parts = []
-        for sl in _row_chunks(*x.shape):
-            s = torch.sigmoid((x[:, sl, None] - x[:, None, :]) / ctx.tau)
+        if torch.is_grad_enabled():  # create_graph=True: plain ops that a double backward traces
+            s = torch.sigmoid((x[:, :, None] - x[:, None, :]) / ctx.tau)
             w = s * (1 - s)
-            wg = torch.matmul(w, g.unsqueeze(-1)).squeeze(-1)
-            parts.append(g[:, sl] * w.sum(dim=-1) - wg)
-        return torch.cat(parts, dim=-1) / ctx.tau, None
+            return (g * w.sum(dim=-1) - (w * g[:, None, :]).sum(dim=-1)) / ctx.tau, None
+        grad = torch.empty_like(g)
+        for sl, d in _scaled_differences(x.detach(), ctx.tau):
+            w = d.sigmoid_()
+            w.addcmul_(w, w, value=-1.0)  # s - s^2, in the work buffer
+            w_sum = w.sum(dim=-1)
+            grad[:, sl] = g[:, sl] * w_sum - w.mul_(g[:, None, :]).sum(dim=-1)
+        return grad.div_(ctx.tau), None
 
 
 # --------------------------------------------------------------------------- pav

@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from prefect.artifacts import Artifact
 
 from flows.ingest import ingest_flow, run_cli
 from flows.params import IngestParams
@@ -78,6 +79,9 @@ def test_ingest_flow_fills_the_cache_and_a_rerun_reuses_everything(
     q = pq.read_table(summary["quarantine_path"]).to_pylist()
     assert [(r["participant_id"], r["category"]) for r in q] == [("sub-05", "unreadable")]
     assert q[0]["source"].endswith("sub-05.nii.gz") and q[0]["message"]
+    artifact = Artifact.get("ingest-summary")
+    assert artifact is not None and "| ingested | 4 |" in artifact.data
+    assert "| quarantined: unreadable | 1 |" in artifact.data
 
     again = ingest_flow(_params(manifest, cache))
     assert (again["ingested"], again["reused"], again["n_quarantined"]) == (0, 4, 1)

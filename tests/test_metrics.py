@@ -158,3 +158,18 @@ def test_cuda_metrics_match_cpu_and_stay_on_device():
         out = fn(a.to("cuda"), b.to("cuda"))
         assert out.device.type == "cuda" and out.dtype == torch.float32
         torch.testing.assert_close(out.cpu(), fn(a, b), rtol=1e-5, atol=1e-6, equal_nan=True)
+
+
+def test_torch_and_numpy_correlation_kernels_agree():
+    """srcc runs its correlation in numpy on the CPU and in torch elsewhere: same numbers."""
+    from rankcore import metrics
+
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 4, (5, 3, 9)).astype(np.float64)
+    y = rng.integers(0, 4, (5, 3, 9)).astype(np.float64)
+    x[0, 0] = 2.0  # a constant row -> NaN in both
+    for dim in (0, 1, 2, -1):
+        got_np = metrics._correlation_numpy(x, y, dim % 3)
+        got_t = metrics._correlation(torch.from_numpy(x), torch.from_numpy(y), dim % 3)
+        np.testing.assert_allclose(got_t.numpy(), got_np, atol=1e-12, equal_nan=True)
+    assert np.isnan(metrics._correlation_numpy(x, y, 2)[0, 0])

@@ -140,6 +140,17 @@ def test_tables_are_consistent(cohort):
     assert (cohort / TRUTH_RELPATH).is_file()
 
 
+def test_ages_from_89_are_censored_and_whole_years_are_floored():
+    cfg = SimulationConfig(age_range=(80.0, 98.0), seed=4)
+    params = [sample_subject(cfg, i) for i in range(40)]
+    old = [p for p in params if p.age >= 89]
+    assert old and all(p.age_text == "89+" and p.age_reported == 89.0 for p in old)
+    whole = [p for p in params if p.age < 89 and "." not in p.age_text]
+    assert whole and all(int(p.age_text) == np.floor(p.age) for p in whole)
+    plain = SimulationConfig(age_range=(20.0, 80.0), quirks=False)
+    assert all("." in sample_subject(plain, i).age_text for i in range(16))
+
+
 def test_irreducible_floor(cohort):
     rows = _valid_rows(cohort)
     expected = np.mean([abs(float(r["brain_age"]) - float(r["age"])) for r in rows])

@@ -112,13 +112,14 @@ def test_pairwise_matches_formula(x, strength):
     np.testing.assert_allclose(got, _pairwise_reference(np.asarray(x), strength), atol=1e-10)
 
 
-def test_pairwise_chunking_changes_nothing(monkeypatch):
+@pytest.mark.parametrize("chunk_elements", [40, 255])  # chunks of 1 row; of 5 rows + 2
+def test_pairwise_chunking_changes_nothing(monkeypatch, chunk_elements):
     x = torch.randn(3, 17, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     x.requires_grad_(True)
     g = torch.randn(3, 17, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     whole = soft_rank(x, method="pairwise", strength=0.4)
     (grad_whole,) = torch.autograd.grad(whole, x, g)
-    monkeypatch.setattr(soft, "_PAIRWISE_CHUNK_ELEMENTS", 40)  # chunks of one compared row
+    monkeypatch.setattr(soft, "_PAIRWISE_CHUNK_ELEMENTS", chunk_elements)
     chunked = soft_rank(x, method="pairwise", strength=0.4)
     (grad_chunked,) = torch.autograd.grad(chunked, x, g)
     torch.testing.assert_close(chunked, whole)

@@ -8,6 +8,8 @@ import pickle
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 from scipy.stats import rankdata
 
@@ -137,6 +139,28 @@ def test_pairwise_permutation_equivariant_and_tie_exact():
         # tied inputs get exactly the same prediction; predictions sum to (N + 1)/2
         assert torch.equal(out[:, 7], out[:, 3])
         torch.testing.assert_close(out.sum(-1), torch.full((3,), 41 / 2))
+
+
+_PAIRWISE = make("pairwise", seed=21).eval()
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=st.lists(st.integers(-5, 5), min_size=2, max_size=30),
+       log_scale=st.floats(-3, 3), shift=st.floats(-10, 10), seed=st.integers(0, 2**16))
+def test_pairwise_properties_on_tied_integers(values, log_scale, shift, seed):
+    """Heavy ties: tied inputs get equal outputs, outputs sum to (N + 1)/2, invariant under
+    affine maps and equivariant under permutations."""
+    x = torch.tensor(values, dtype=torch.float64)
+    n = x.numel()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    a = 10.0**log_scale
+    with torch.no_grad():
+        out = _PAIRWISE(x)
+        same = x.unsqueeze(0) == x.unsqueeze(1)
+        assert torch.equal(same & (out.unsqueeze(0) == out.unsqueeze(1)), same)
+        assert abs(float(out.sum()) - (n + 1) / 2) < 1e-4
+        torch.testing.assert_close(_PAIRWISE(a * x + shift * a), out, atol=1e-5, rtol=0)
+        torch.testing.assert_close(_PAIRWISE(x[perm]), out[perm], atol=1e-6, rtol=0)
 
 
 def test_pairwise_constant_sequence_gets_exact_average_rank():
@@ -317,6 +341,10 @@ def test_load_fixed_length_with_other_seq_len(tmp_path):
         load_sorter(path, seq_len=64)
     save_sorter(tmp_path / "gru.safetensors", make("gru"))
     assert load_sorter(tmp_path / "gru.safetensors", seq_len=64).seq_len is None
+    with pytest.raises(InputError, match="`seq_len`"):
+        load_sorter(path, seq_len=0)
+    with pytest.raises(InputError, match="`map_location`"):
+        load_sorter(path, map_location="nowhere")
 
 
 def _rewrite_card(path, **changes):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from rankcore.cache.layout import ShardInfo, sha256_file, write_shard
+from rankcore.cache.layout import ShardInfo, ShardWriter, sha256_file
 from rankcore.cache.schema import SourceStat, rows_to_table, volume_row
 from rankcore.errors import QuarantineError
 from rankcore.mri.types import CohortRow, PreprocessConfig, PreprocessedVolume, QuarantineEntry
@@ -114,16 +114,19 @@ def process_subject(task: SubjectTask, config: PreprocessConfig,
 
 
 def process_batch(batch: Batch) -> BatchResult:
-    """Process every subject of ``batch`` and write the successful ones as one shard."""
+    """Process every subject of ``batch``, streaming the successful ones into one shard.
+
+    Memory holds one subject at a time (plus its row while it is written), whatever the
+    batch size.
+    """
     t0 = time.perf_counter()
     outcomes = []
-    records = []
-    for task in batch.subjects:
-        outcome, record = process_subject(task, batch.config, batch.preprocess)
-        outcomes.append(outcome)
-        if record is not None:
-            records.append(record)
-    shard = None
-    if records:
-        shard = write_shard(rows_to_table(records), Path(batch.shard_dir), batch.seq)
+    with ShardWriter(Path(batch.shard_dir), batch.seq) as writer:
+        for task in batch.subjects:
+            outcome, record = process_subject(task, batch.config, batch.preprocess)
+            outcomes.append(outcome)
+            if record is not None:
+                writer.write(rows_to_table([record]))
+                del record
+        shard = writer.commit()
     return BatchResult(batch.index, shard, tuple(outcomes), time.perf_counter() - t0)

@@ -30,11 +30,11 @@ from rankcore.cache.batch import BatchResult, Preprocess
 from rankcore.cache.engines import check_engine, check_workers, run_batches
 from rankcore.cache.layout import (
     CacheLayout,
+    ShardWriter,
     atomic_write_bytes,
     cache_lock,
     parquet_bytes,
     write_manifest,
-    write_shard,
 )
 from rankcore.cache.plan import IngestPlan, QuarantineRecord, plan_ingest
 from rankcore.cache.schema import label_values, library_version, quarantine_table, rows_to_table
@@ -126,7 +126,7 @@ def commit_batch(plan: IngestPlan, result: BatchResult) -> None:
             logger.info("ingested %s: %s", out.key, out.log)
             if cached is not None:
                 plan.dead.add((cached.shard, cached.index))
-        elif out.status == "unchanged" and cached is not None:
+        elif out.status == "unchanged":  # only sent with the cached row's digest
             # Same bytes under a new stat (touched, copied or moved): keep the row, update it.
             plan.reused.add(out.key)
             logger.info("reused %s: %s", out.key, out.log)
@@ -149,7 +149,10 @@ def commit_batch(plan: IngestPlan, result: BatchResult) -> None:
 
 
 def _compact(plan: IngestPlan) -> list[str]:
-    """Rewrite shards holding dead or relabelled rows; return the replaced file names."""
+    """Rewrite shards holding dead or relabelled rows; return the replaced file names.
+
+    Streams row group by row group (one row each), so memory holds one volume at a time.
+    """
     layout, manifest = plan.layout, plan.manifest
     affected = {name for name, _ in plan.dead} | {name for name, _ in plan.relabel}
     replaced = []
@@ -157,18 +160,22 @@ def _compact(plan: IngestPlan) -> list[str]:
         info = manifest.shards[pos]
         if info.name not in affected:
             continue
-        rows = open_shard(layout.shard_path(info.name)).read().to_pylist()
-        keep = []
-        for i, row in enumerate(rows):
-            if (info.name, i) in plan.dead:
-                continue
-            row.update(plan.relabel.get((info.name, i), {}))
-            keep.append(row)
-        if keep:
-            manifest.shards[pos] = write_shard(rows_to_table(keep), layout.shard_dir,
-                                               manifest.take_seq())
-        else:
+        pf = open_shard(layout.shard_path(info.name))
+        with ShardWriter(layout.shard_dir, manifest.take_seq()) as writer:
+            for i in range(pf.metadata.num_row_groups):
+                if (info.name, i) in plan.dead:
+                    continue
+                part = pf.read_row_group(i)
+                update = plan.relabel.get((info.name, i))
+                if update:
+                    (row,) = part.to_pylist()
+                    part = rows_to_table([{**row, **update}])
+                writer.write(part)
+            new = writer.commit()
+        if new is None:
             del manifest.shards[pos]
+        else:
+            manifest.shards[pos] = new
         replaced.append(info.name)
     manifest.shards.sort(key=lambda s: s.seq)
     return replaced

@@ -29,7 +29,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rankcore.cache.schema import DICTIONARY_COLUMNS
+from rankcore.cache.schema import CACHE_SCHEMA, DICTIONARY_COLUMNS
 from rankcore.errors import InputError
 from rankcore.mri.types import PreprocessConfig
 
@@ -134,26 +134,10 @@ def atomic_write_bytes(path: Path, data: bytes | pa.Buffer | memoryview) -> None
     _fsync_dir(path.parent)
 
 
-def parquet_bytes(table: pa.Table, *, volume_column: str | None = None) -> pa.Buffer:
-    """Serialise ``table`` to Parquet in memory with page checksums.
-
-    With ``volume_column`` the table is written one row per row group, that column
-    uncompressed, PLAIN-encoded and without statistics (so one row is one page read from a
-    memory map), and the other columns zstd-compressed.
-    """
+def parquet_bytes(table: pa.Table) -> pa.Buffer:
+    """Serialise a small table (the quarantine) to zstd Parquet in memory, page checksums on."""
     sink = pa.BufferOutputStream()
-    names = table.column_names
-    if volume_column is None:
-        pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
-    else:
-        pq.write_table(
-            table, sink,
-            row_group_size=1,
-            compression={n: ("none" if n == volume_column else "zstd") for n in names},
-            use_dictionary=[n for n in names if n in DICTIONARY_COLUMNS],
-            write_statistics=[n for n in names if n != volume_column],
-            write_page_checksum=True,
-        )
+    pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
     return sink.getvalue()
 
 
@@ -189,14 +173,82 @@ def shard_name(seq: int) -> str:
     return f"part-{seq:06d}-{uuid.uuid4().hex[:8]}.parquet"
 
 
-def write_shard(table: pa.Table, shard_dir: Path, seq: int) -> ShardInfo:
-    """Write a cache table as a new shard file (atomically); return its ShardInfo."""
-    buf = parquet_bytes(table, volume_column="volume")
-    name = shard_name(seq)
-    atomic_write_bytes(shard_dir / name, buf)
-    return ShardInfo(name=name, seq=seq, sha256=hashlib.sha256(memoryview(buf)).hexdigest(),
-                     bytes=buf.size, rows=table.num_rows,
-                     keys=table.column("key").to_pylist())
+class ShardWriter:
+    """Stream cache rows into a new shard, one row group per row; publish it atomically.
+
+    Rows go to a temporary file in ``shard_dir`` as they come (so memory holds one volume,
+    not a batch); ``commit`` fsyncs it, hashes it and renames it to its final name. Until
+    then no file with a shard name exists, and ``abort`` (or an exception inside ``with``)
+    deletes the temporary file. The volume column is uncompressed, PLAIN-encoded and has no
+    statistics, so reading one row is decoding one page from a memory map; the other columns
+    are zstd-compressed. Every page carries a CRC32 checksum.
+    """
+
+    def __init__(self, shard_dir: Path, seq: int):
+        self.shard_dir = Path(shard_dir)
+        self.seq = seq
+        self.name = shard_name(seq)
+        self.tmp = self.shard_dir / f"{_TMP_PREFIX}{self.name}"
+        self.keys: list[str] = []
+        self._writer: pq.ParquetWriter | None = None
+
+    def _open(self) -> pq.ParquetWriter:
+        names = CACHE_SCHEMA.names
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        return pq.ParquetWriter(
+            self.tmp, CACHE_SCHEMA,
+            compression={n: ("none" if n == "volume" else "zstd") for n in names},
+            use_dictionary=[n for n in names if n in DICTIONARY_COLUMNS],
+            write_statistics=[n for n in names if n != "volume"],
+            write_page_checksum=True,
+        )
+
+    def write(self, table: pa.Table) -> None:
+        """Append the rows of a CACHE_SCHEMA table, one row group each."""
+        if self._writer is None:
+            self._writer = self._open()
+        self._writer.write_table(table, row_group_size=1)
+        self.keys += table.column("key").to_pylist()
+
+    def commit(self) -> ShardInfo | None:
+        """Publish the shard under its final name; None (and no file) when no row was written."""
+        if self._writer is None:
+            return None
+        self._writer.close()
+        self._writer = None
+        try:
+            with open(self.tmp, "rb+") as fh:
+                os.fsync(fh.fileno())
+            digest = sha256_file(self.tmp)
+            size = self.tmp.stat().st_size
+            os.replace(self.tmp, self.shard_dir / self.name)
+        except BaseException:
+            self.tmp.unlink(missing_ok=True)
+            raise
+        _fsync_dir(self.shard_dir)
+        return ShardInfo(name=self.name, seq=self.seq, sha256=digest, bytes=size,
+                         rows=len(self.keys), keys=list(self.keys))
+
+    def abort(self) -> None:
+        """Drop the temporary file."""
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None or self._writer is not None:
+            self.abort()
+
+
+def write_shard(table: pa.Table, shard_dir: Path, seq: int) -> ShardInfo | None:
+    """Write a whole CACHE_SCHEMA table as one new shard (see ShardWriter)."""
+    with ShardWriter(shard_dir, seq) as writer:
+        writer.write(table)
+        return writer.commit()
 
 
 @dataclass

@@ -131,6 +131,36 @@ def _load_verdicts(layout: CacheLayout) -> dict[str, dict[str, Any]]:
             if r["key"] is not None and r["source_size"] is not None}
 
 
+def _classify(plan: IngestPlan, row: CohortRow, verdict: dict[str, Any] | None,
+              version: str) -> SubjectTask | None:
+    """Reuse the cached row, reuse an earlier quarantine verdict, or return the work to do."""
+    cached = plan.existing.get(row.key)
+    try:
+        st = os.stat(row.path)
+    except OSError:
+        st = None  # the batch reports it (missing_file / unreadable)
+    stat = None if st is None else {"source_path": str(row.path), "source_size": st.st_size,
+                                     "source_mtime_ns": st.st_mtime_ns}
+    if cached is not None and stat is not None and all(
+            cached.values[k] == v for k, v in stat.items()):
+        plan.reused.add(row.key)
+        labels = label_values(row)
+        if any(cached.values[k] != v for k, v in labels.items()):
+            plan.relabel[(cached.shard, cached.index)] = {**labels, **stat}
+        return None
+    if stat is not None and verdict is not None and verdict["brainrank_version"] == version and (
+            verdict["source"], verdict["source_size"], verdict["source_mtime_ns"]) == tuple(
+            stat.values()):
+        entry = QuarantineEntry(row.participant_id, str(row.path), verdict["category"],
+                                verdict["message"])
+        plan.quarantine.append((entry, row.key, stat["source_size"], stat["source_mtime_ns"],
+                                version))
+        if cached is not None:
+            plan.dead.add((cached.shard, cached.index))
+        return None
+    return SubjectTask(row, None if cached is None else cached.values["source_digest"])
+
+
 def plan_ingest(cohort: Cohort, cache_dir: str | Path, config: PreprocessConfig, *,
                 batch_size: int = 16, prune: bool = True,
                 preprocess: Preprocess | None = None) -> IngestPlan:
@@ -169,40 +199,16 @@ def plan_ingest(cohort: Cohort, cache_dir: str | Path, config: PreprocessConfig,
     todo: list[SubjectTask] = []
     seen: set[str] = set()
     for row in cohort.rows:
-        key = row.key
-        if key in seen:
+        if row.key in seen:
             entry = QuarantineEntry(row.participant_id, str(row.path), "duplicate_id",
-                                    f"{key} appears more than once in the cohort table")
+                                    f"{row.key} appears more than once in the cohort table")
             plan.quarantine.append((entry, None, None, None, version))
             continue
-        seen.add(key)
-        cached = plan.existing.get(key)
-        try:
-            st = os.stat(row.path)
-        except OSError:
-            st = None  # the batch reports it (missing_file / unreadable)
-        stat = None if st is None else {"source_path": str(row.path),
-                                         "source_size": st.st_size,
-                                         "source_mtime_ns": st.st_mtime_ns}
-        labels = label_values(row)
-        if cached is not None and stat is not None and all(
-                cached.values[k] == v for k, v in stat.items()):
-            plan.reused.add(key)
-            if any(cached.values[k] != v for k, v in labels.items()):
-                plan.relabel[(cached.shard, cached.index)] = {**labels, **stat}
-            continue
-        old = verdicts.get(key)
-        if stat is not None and old is not None and old["brainrank_version"] == version and (
-                old["source"], old["source_size"], old["source_mtime_ns"]) == tuple(stat.values()):
-            entry = QuarantineEntry(row.participant_id, str(row.path), old["category"],
-                                    old["message"])
-            plan.quarantine.append((entry, key, stat["source_size"], stat["source_mtime_ns"],
-                                    version))
-            if cached is not None:
-                plan.dead.add((cached.shard, cached.index))
-            continue
-        todo.append(SubjectTask(row, None if cached is None else cached.values["source_digest"]))
-        plan.todo_rows[key] = row
+        seen.add(row.key)
+        task = _classify(plan, row, verdicts.get(row.key), version)
+        if task is not None:
+            todo.append(task)
+            plan.todo_rows[row.key] = row
 
     if prune:
         for key, cached in plan.existing.items():

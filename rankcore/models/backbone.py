@@ -5,8 +5,9 @@ then blocks of asymmetric convolutions -> BN -> ELU -> squeeze-and-excitation ->
 concatenating its pooled input with its new features, then global pooling and a small head; sex
 enters through a small fully connected branch. The defaults are sized for CPU training on 2 mm
 volumes of shape (80, 96, 80): the input is first average-pooled by 2 (4 mm) and the stem is
-strided (8 mm), which together cut the voxel count by 64 before the first dense block (measured
-in benchmarks/bench_train.py; the reference's widths reach ~100 M parameters per stage).
+strided (8 mm), which together cut the voxel count by 64 before the first dense block. Measured
+on a shared 2-core CPU at batch 16, one thread: ~30-50 samples/s forward + backward (the
+reference's widths reach ~100 M parameters per stage).
 
 Age is predicted in standardised units and un-standardised inside the model:
 ``age = age_mean + age_std * head(features)``. ``age_mean`` and ``age_std`` are buffers (saved

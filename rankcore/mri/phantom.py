@@ -46,7 +46,7 @@ _ORIENTATION_PLAN = ("RAS", "RAS", "RAS", "LAS", "LAS", "LPS", "PIR", "ASL")
 _GRID_PLAN = ("iso", "iso", "iso", "iso", "iso", "fine", "aniso", "oblique")
 _DTYPE_PLAN = ("float32", "int16", "int16", "int16", "int16", "int16_scaled",
                "int16_scaled", "uint8_scaled")
-_EXTENSION_PLAN = (".nii.gz", ".nii.gz", ".nii.gz", ".nii")
+_EXTENSION_PLAN = (".nii.gz",) * 7 + (".nii",)  # uncompressed files are 4x larger
 _AGE_PLAN = ("decimal", "decimal", "decimal", "whole")
 _VENTRICLE_CV = 0.45
 _MALE_VENTRICLE_FACTOR = 1.25

@@ -24,10 +24,9 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import multiprocessing
 import os
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -93,12 +92,11 @@ def _write_atomic(path: Path, blob: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _write_subject(out_dir: str, config: dict[str, Any], index: int) -> dict[str, str]:
-    """Simulate and write subject ``index``; return its truth row (runs in worker processes)."""
-    cfg = SimulationConfig.from_dict(config)
+def _write_subject(out_dir: Path, cfg: SimulationConfig, index: int) -> dict[str, str]:
+    """Simulate and write subject ``index``; return its truth row (runs in worker threads)."""
     params = sample_subject(cfg, index)
     img, tissue, voxel = render_subject(params, cfg.spacing)
-    _write_atomic(Path(out_dir) / params.relpath, encode(img, params.extension))
+    _write_atomic(out_dir / params.relpath, encode(img, params.extension))
     return _truth_row(params, tissue, voxel, params.relpath)
 
 
@@ -187,7 +185,7 @@ def simulate_cohort(out_dir: str | os.PathLike, subjects: int = 200, seed: int =
         spacing: working voxel size (mm); age_range: ages (years) drawn uniformly.
         sites: number of scanners; sigma_delta: SD (years) of brain age - age.
         quirks: vary file orientation, grid, dtype and extension; corrupt: extra broken files.
-        workers: processes to use (output does not depend on it).
+        workers: threads to use (output does not depend on it).
 
     Returns:
         ``Path(out_dir)``.
@@ -204,7 +202,7 @@ def simulate_cohort(out_dir: str | os.PathLike, subjects: int = 200, seed: int =
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / _STATE_RELPATH, _state(cfg, False, []))
     start = time.perf_counter()
-    template_maps(cfg.spacing)  # load once here (forked workers inherit it)
+    template_maps(cfg.spacing)  # build the cached maps once, before any worker thread
     rows = _run_subjects(out, cfg, int(workers), start)
     rows += [_write_broken(out, cfg, j) for j in range(cfg.corrupt)]
 
@@ -240,14 +238,15 @@ def _run_subjects(out: Path, cfg: SimulationConfig, workers: int, start: float,
 
     if workers == 1 or n == 1:
         for i in range(n):
-            rows.append(_write_subject(str(out), cfg.to_dict(), i))
+            rows.append(_write_subject(out, cfg, i))
             progress(i + 1)
         return rows
-    # fork shares the cached template maps; elsewhere each worker rebuilds them (~1 s).
-    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    with ProcessPoolExecutor(max_workers=min(workers, n),
-                             mp_context=multiprocessing.get_context(method)) as pool:
-        futures = [pool.submit(_write_subject, str(out), cfg.to_dict(), i) for i in range(n)]
+    # Threads, not processes: the heavy steps (scipy.ndimage interpolation and filters,
+    # numpy arithmetic and random draws, zlib) release the GIL, the cached template maps are
+    # shared, and nothing is forked from a process that may run other threads (Prefect).
+    with ThreadPoolExecutor(max_workers=min(workers, n),
+                            thread_name_prefix="simulate") as pool:
+        futures = [pool.submit(_write_subject, out, cfg, i) for i in range(n)]
         for k, fut in enumerate(futures, start=1):
             rows.append(fut.result())
             progress(k)

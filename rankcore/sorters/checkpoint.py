@@ -194,8 +194,16 @@ def load_sorter(path: str | os.PathLike[str], seq_len: int | None = None,
         CheckpointError: missing, unreadable, corrupt or modified file; unknown kind; other
             rank convention; weights that do not fit the card.
         SorterLengthError: ``seq_len`` differs from a fixed-length sorter's length.
+        InputError: bad ``path`` suffix, ``seq_len`` or ``map_location``.
     """
     p = _check_path(path)
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int)
+                                or seq_len < 1):
+        raise InputError(f"`seq_len` must be a positive integer or None, got {seq_len!r}")
+    try:
+        device = torch.device(map_location)
+    except (RuntimeError, TypeError):
+        raise InputError(f"`map_location` must name a torch device, got {map_location!r}") from None
     if not p.is_file():
         raise CheckpointError(f"sorter file {str(p)!r} does not exist")
     card, tensors = _read(p)
@@ -223,4 +231,4 @@ def load_sorter(path: str | os.PathLike[str], seq_len: int | None = None,
             "(gru, cnn, pairwise)")
     sorter.load_state_dict(tensors)
     sorter.card = card
-    return sorter.to(map_location).eval()
+    return sorter.to(device).eval()

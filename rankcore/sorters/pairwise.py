@@ -29,9 +29,10 @@ class PairwiseSorter(Sorter):
     Args:
         hidden_size: width of the pairwise MLP.
         num_layers: hidden layers of the pairwise MLP (≥ 1).
-        max_sharpness: the first layer's slopes on z_j − z_i start log-uniform in
-            [1, max_sharpness], so steps of many widths are available from the first step
-            (a plain initialisation needs thousands of steps to grow sharp steps).
+        max_sharpness: the first layer's slopes on z_j − z_i start log-spaced in
+            [1, max_sharpness] (in units of the sequence's standard deviation), so steps of
+            many widths are available from the first step; untrained, the sorter is already
+            a smooth pairwise soft rank.
     """
 
     kind = "pairwise"
@@ -52,7 +53,7 @@ class PairwiseSorter(Sorter):
         with torch.no_grad():
             # slopes on the difference d: ±(log-spaced in [1, max_sharpness]); each unit's
             # break-point d = offset/|slope| lies within half its own width of 0, where the
-            # step must be sharpest. Deterministic, so only the later layers use the RNG.
+            # step must be sharpest. Only the weights on the midpoint feature are random.
             magnitude = torch.linspace(0.0, math.log(max_sharpness), h).exp()
             sign = torch.where(torch.arange(h) % 2 == 0, 1.0, -1.0)
             offset = torch.linspace(0.5, -0.5, h)

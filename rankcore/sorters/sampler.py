@@ -288,7 +288,8 @@ class SequenceSampler:
             idx = (fam == k).nonzero().squeeze(-1)
             if idx.numel():
                 x[idx] = draw_family(name, gen, idx.numel(), n)
-        tie = (torch.rand(rows, generator=gen) < self.tie_prob) & (fam < len(CONTINUOUS_FAMILIES))
+        continuous = torch.tensor([f in CONTINUOUS_FAMILIES for f in FAMILIES])[fam]
+        tie = (torch.rand(rows, generator=gen) < self.tie_prob) & continuous
         tied = inject_ties(x, gen)
         x = torch.where(tie.unsqueeze(-1), tied, x)
         x = random_affine(x, gen, self.affine_prob).to(self.dtype)

@@ -5,12 +5,14 @@ Layout of a stage's ``out_dir``::
     epoch-0007/            one complete epoch (written as a temporary folder, then renamed)
         model.safetensors      model weights and buffers
         optimizer.safetensors  optimizer tensors (Adam moments, steps)
+        best.safetensors       weights of the best epoch so far (when it is not this one)
         card.json              config, epoch, metrics per epoch, optimizer/schedule state, ...
     latest.json            {"epoch": 7, "dir": "epoch-0007"} — replaced atomically
     model.safetensors      the final (best-epoch) weights        } written when the stage
     card.json              the final card (written last)         } finishes
 
-Only the latest and the best epoch folders are kept. A crash at any point leaves either the
+Only the latest epoch folder is kept; it is self-contained (a Ray Train checkpoint is exactly
+such a folder), so training resumes from it alone. A crash at any point leaves either the
 previous state or the new one, never a half-written folder or file under its final name.
 Nothing is pickled: tensors go to safetensors, everything else to JSON.
 """
@@ -24,7 +26,6 @@ import os
 import platform
 import shutil
 import tempfile
-from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +53,7 @@ __all__ = [
 CARD_FORMAT = "brainrank-stage/1"
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
+BEST_FILE = "best.safetensors"
 CARD_FILE = "card.json"
 LATEST_FILE = "latest.json"
 
@@ -128,7 +130,7 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], meta: dict) -> dict[str, 
 
 def write_checkpoint(out_dir: Path, epoch: int, model: nn.Module,
                      optimizer: torch.optim.Optimizer, card: dict[str, Any],
-                     keep: Collection[int] = ()) -> Path:
+                     best_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write ``out_dir/epoch-NNNN`` atomically, point ``latest.json`` at it, prune old epochs.
 
     Args:
@@ -137,7 +139,7 @@ def write_checkpoint(out_dir: Path, epoch: int, model: nn.Module,
         model: the (unwrapped) model.
         optimizer: its optimizer.
         card: JSON-able dict (config, metrics, schedule state, ...); ``epoch`` is added.
-        keep: other epochs whose folders must survive pruning (the best epoch).
+        best_state: weights of the best epoch when it is not this one (kept for resuming).
 
     Returns:
         The epoch folder.
@@ -149,6 +151,9 @@ def write_checkpoint(out_dir: Path, epoch: int, model: nn.Module,
         save_file(state, str(tmp / MODEL_FILE))
         opt_tensors, opt_meta = _optimizer_tensors(optimizer)
         save_file(opt_tensors, str(tmp / OPTIMIZER_FILE))
+        if best_state is not None:
+            save_file({k: v.detach().cpu().contiguous() for k, v in best_state.items()},
+                      str(tmp / BEST_FILE))
         full = dict(card, epoch=epoch, optimizer=opt_meta, weights_sha256=weights_digest(state))
         _json_dump(full, tmp / CARD_FILE)
         if final.exists():
@@ -164,7 +169,7 @@ def write_checkpoint(out_dir: Path, epoch: int, model: nn.Module,
             e = int(old.name.split("-", 1)[1])
         except ValueError:
             continue
-        if e != epoch and e not in keep:
+        if e != epoch:
             shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -184,8 +189,9 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return path
 
 
-def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
-    """Read an epoch folder: (model state, optimizer state dict, card).
+def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any],
+                                         dict[str, torch.Tensor] | None]:
+    """Read an epoch folder: (model state, optimizer state dict, card, best-epoch state or None).
 
     Raises:
         CheckpointError: missing or unreadable files, or weights that do not match the card.
@@ -195,11 +201,12 @@ def read_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]
         card = json.loads((path / CARD_FILE).read_text())
         state = load_file(str(path / MODEL_FILE))
         opt_tensors = load_file(str(path / OPTIMIZER_FILE))
+        best = load_file(str(path / BEST_FILE)) if (path / BEST_FILE).is_file() else None
     except (OSError, json.JSONDecodeError, SafetensorError) as err:
         raise CheckpointError(f"checkpoint {str(path)!r} cannot be read: {err}") from None
     if weights_digest(state) != card.get("weights_sha256"):
         raise CheckpointError(f"weights in {str(path)!r} do not match their card's digest")
-    return state, _optimizer_state(opt_tensors, card["optimizer"]), card
+    return state, _optimizer_state(opt_tensors, card["optimizer"]), card, best
 
 
 def save_stage_model(out_dir: Path, model: nn.Module, card: dict[str, Any]) -> None:

@@ -91,7 +91,8 @@ class TrainConfig:
             2-core machine 1 thread was measured faster than 2 (thread spin under contention).
         channels_last: use ``torch.channels_last_3d`` (measured slower on CPU, where
             batch norm and pooling fall back to slow paths; try it on CUDA).
-        deterministic: ``torch.use_deterministic_algorithms`` during training (warn only).
+        deterministic: on CUDA, ``torch.use_deterministic_algorithms`` (warn only) during
+            training; on CPU runs are deterministic for a seed and a thread count anyway.
         eval_batch_size: batch size for validation and prediction (memory only).
         backbone: sizes of the network (:class:`rankcore.models.BackboneConfig`).
         cascade: stage-2 settings (:class:`rankcore.models.CascadeConfig`).

@@ -96,6 +96,9 @@ def _epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
 def _runtime(config: TrainConfig, device: torch.device) -> Iterator[None]:
     """Threads, deterministic algorithms and the global RNG for the run; restored on exit."""
     threads = torch.get_num_threads()
+    # On CPU the kernels used here are deterministic for a fixed thread count already, and
+    # torch.use_deterministic_algorithms imports torch._inductor (~6 s): only CUDA needs it.
+    strict = config.deterministic and device.type == "cuda"
     det = torch.are_deterministic_algorithms_enabled()
     det_warn = torch.is_deterministic_algorithms_warn_only_enabled()
     devices = [device] if device.type == "cuda" else []
@@ -103,12 +106,13 @@ def _runtime(config: TrainConfig, device: torch.device) -> Iterator[None]:
         try:
             if config.num_threads is not None:
                 torch.set_num_threads(config.num_threads)
-            if config.deterministic:
+            if strict:
                 torch.use_deterministic_algorithms(True, warn_only=True)
             yield
         finally:
             torch.set_num_threads(threads)
-            torch.use_deterministic_algorithms(det, warn_only=det_warn)
+            if strict:
+                torch.use_deterministic_algorithms(det, warn_only=det_warn)
 
 
 def _make_optimizer(config: TrainConfig, params: list[nn.Parameter],
@@ -209,7 +213,7 @@ def train_stage(stage: int, config: TrainConfig | dict[str, Any], train_data: An
                         resume, rank, world_size)
     except BaseException:
         # Nothing useful was written: leave no trace of a folder this call created.
-        if is_main and created and latest_checkpoint(out_dir) is None:
+        if is_main and created and not (out_dir / "latest.json").exists():
             shutil.rmtree(out_dir, ignore_errors=True)
         raise
 
@@ -227,19 +231,22 @@ def _run(stage, config, train, val, objective, device, out_dir, report, world, r
     objective = objective.to(device)
     progress, history, start_epoch = Progress.start(config), [], 0
     best_state: dict[str, torch.Tensor] | None = None
+    resumes: list[int] = []
 
     ckpt = latest_checkpoint(out_dir) if resume is True else (
         Path(resume) if resume is not False else None)
     if ckpt is not None:
-        state, opt_state, card = read_checkpoint(ckpt)
+        state, opt_state, card, best_state = read_checkpoint(ckpt)
         model.load_state_dict(state)
         optimizer.load_state_dict(opt_state)
         progress = Progress.from_dict(card["progress"])
         history, start_epoch = list(card["history"]), card["epoch"] + 1
-        best_dir = ckpt.parent / f"epoch-{progress.best_epoch:04d}"
-        if progress.best_epoch >= 0 and (best_dir / "card.json").is_file():
-            best_state = read_checkpoint(best_dir)[0]
+        if best_state is None:  # the checkpoint's own epoch is the best one
+            best_state = {k: v.clone() for k, v in state.items()}
+        resumes = [*card.get("resumes", []), card["epoch"]]
         log.info("stage %d: resumed from %s (epoch %d)", stage, ckpt, card["epoch"] + 1)
+        if progress.should_stop(config, val is not None):  # it had stopped early already
+            start_epoch = config.epochs
 
     net = model if world is None else world.wrap_model(model)
     base_card = {
@@ -249,7 +256,7 @@ def _run(stage, config, train, val, objective, device, out_dir, report, world, r
         "n_train": len(train), "n_val": 0 if val is None else len(val),
         "train_ids": list(train.participant_ids),
         "val_ids": [] if val is None else list(val.participant_ids),
-        "world_size": world_size,
+        "world_size": world_size, "resumes": resumes,
         "age_scale": {"mean": float(model.age_mean), "std": float(model.age_std)},
     }
     local = config.batch_size // world_size
@@ -280,20 +287,25 @@ def _run(stage, config, train, val, objective, device, out_dir, report, world, r
             pred, target = pred.float(), batch["age"]
             if world is not None:
                 pred, target = world.all_gather(pred), world.all_gather(target)
-            total, parts = objective(pred, target)
-            if not math.isfinite(float(total.detach())):
-                where = (f"stage {stage}: the loss became {float(total.detach())} at epoch {epoch + 1}, "
-                         f"step {step + 1} (parts: "
-                         f"{ {k: round(float(v), 4) for k, v in parts.items()} }); ")
+            bad = None if bool(torch.isfinite(pred.detach()).all()) else "the predictions"
+            if bad is None:
+                total, parts = objective(pred, target)
+                if not math.isfinite(float(total.detach())):
+                    parts_text = {k: round(float(v), 4) for k, v in parts.items()}
+                    bad = f"the loss ({float(total.detach())}; parts {parts_text})"
+            if bad is not None:
                 kept = (f"the last good checkpoint is {str(last_good)!r}" if last_good
                         else "no checkpoint was written")
-                raise TrainingError(where + kept + ". Lower `lr` or check the inputs.")
+                raise TrainingError(f"stage {stage}: {bad} became NaN or inf at epoch "
+                                    f"{epoch + 1}, step {step + 1}; {kept}. Lower `lr` or "
+                                    "check the inputs.")
             optimizer.zero_grad(set_to_none=True)
             total.backward()
             optimizer.step()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-            sums["mae"] = sums.get("mae", 0.0) + float((pred - target).abs().mean())
+            sums["mae"] = sums.get("mae", 0.0) + float((pred.detach() - target).abs().mean())
+        train_seconds = time.perf_counter() - t0
         metrics: dict[str, Any] = {"epoch": epoch, "lr": lr}
         metrics.update({f"train_{k}": v / n_steps for k, v in sums.items()})
         if val is not None:
@@ -310,13 +322,14 @@ def _run(stage, config, train, val, objective, device, out_dir, report, world, r
         if progress.update(config, epoch, score) or val is None:
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         metrics["seconds"] = time.perf_counter() - t0
-        metrics["samples_per_s"] = n_steps * config.batch_size / max(metrics["seconds"], 1e-9)
+        # training throughput of the whole job (all workers), validation excluded
+        metrics["samples_per_s"] = n_steps * config.batch_size / max(train_seconds, 1e-9)
         history.append(metrics)
         path = None
         if is_main:
             card = dict(base_card, history=history, progress=progress.to_dict())
             path = write_checkpoint(out_dir, epoch, model, optimizer, card,
-                                    keep={progress.best_epoch})
+                                    None if progress.best_epoch == epoch else best_state)
             last_good = path
         log.info(_log_line(stage, config, metrics))
         if report is not None:
