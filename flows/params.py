@@ -49,7 +49,14 @@ class IngestParams(_Params):
 
 
 class PretrainSorterParams(_Params):
-    """`brainrank pretrain-sorter`: train a learned sorter on synthetic sequences."""
+    """`brainrank pretrain-sorter`: train a learned sorter on synthetic sequences.
+
+    ``batch_size`` is per worker. ``engine`` ``auto`` trains in this process with one worker
+    and no ``ray_address``, on Ray Train otherwise. ``target_strength`` is the σ of the
+    smoothed targets (rankcore.train.sorter; 0 = exact ranks). ``sizes``, ``loss``,
+    ``target_strength``, ``eval_every`` and ``engine`` have no CLI option: set them in
+    --config. ``fail_at_step`` is a test hook (one worker fails once after that step).
+    """
 
     out: str
     kind: str = "pairwise"
@@ -59,8 +66,14 @@ class PretrainSorterParams(_Params):
     lr: float = Field(1e-3, gt=0)
     workers: int = Field(1, ge=1, le=256)
     gpu: bool = False
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     checkpoint_every: int = Field(200, ge=1)
     max_failures: int = Field(2, ge=0)
     storage_path: str | None = None
     ray_address: str | None = None
+    sizes: dict[str, int] = Field(default_factory=dict)
+    loss: Literal["l1", "mse"] = "l1"
+    target_strength: float = Field(0.05, ge=0, le=10)
+    eval_every: int = Field(200, ge=1)
+    engine: Literal["auto", "local", "ray"] = "auto"
+    fail_at_step: int | None = Field(None, ge=1)

@@ -135,12 +135,14 @@ def _fractional_numpy(v: torch.Tensor, kind: _Kind, out_dtype: torch.dtype,
     is_start = np.empty(a.shape, dtype=bool)
     is_start[:, 0] = True
     np.not_equal(sorted_a[:, 1:], sorted_a[:, :-1], out=is_start[:, 1:])
-    row, col = np.nonzero(is_start)  # each group's row and first sorted position in it
-    start = row * n + col  # flat index of each group's first member
+    start = np.flatnonzero(is_start)  # flat index of each group's first member
     count = np.empty_like(start)  # group sizes: next group's start minus this one's
     count[:-1] = start[1:] - start[:-1]
     count[-1] = a.size - start[-1]
-    span = 2 * col + (count - 1)  # start + end, positions within the row
+    # groups come row after row, so each group's row follows from the groups per row
+    # (cheaper than start // n or a 2-D nonzero, both several times slower here)
+    row_offset = np.repeat(np.arange(0, a.size, n), is_start.sum(axis=1))
+    span = 2 * (start - row_offset) + (count - 1)  # start + end, positions within the row
     num, den = _numerator_denominator(span, n, kind)
     np_dtype = _NP_FLOAT.get(out_dtype, np.float64)
     group_rank = num.astype(np_dtype) / np_dtype(den)

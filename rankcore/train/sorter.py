@@ -273,7 +273,7 @@ def train_sorter(config: SorterTrainConfig | dict[str, Any], *,
         if config.grad_clip > 0:
             nn.utils.clip_grad_norm_(sorter.parameters(), config.grad_clip)
         optimizer.step()
-        loss_sum, loss_count = loss_sum + float(loss), loss_count + 1
+        loss_sum, loss_count = loss_sum + float(loss.detach()), loss_count + 1
         if rank == 0 and (step % config.eval_every == 0 or step == config.steps):
             metrics = {"step": step, "loss": loss_sum / loss_count, "lr": lr,
                        **{f"val_{k}": v for k, v in _validation_metrics(sorter,
