@@ -23,6 +23,12 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                "validate, preprocess and cache a cohort (BIDS root or manifest)"),
     "pretrain-sorter": ("flows.pretrain_sorter", "PretrainSorterParams",
                         "pretrain a learned sorter on synthetic sequences (Ray Train)"),
+    "train": ("flows.train", "TrainParams",
+              "train the two-stage cascade on a cache (cross-fitted stage 1, then stage 2)"),
+    "evaluate": ("flows.evaluate", "EvaluateParams",
+                 "score a trained cascade on a split of a cache; write metrics, plots, report"),
+    "predict": ("flows.predict", "PredictParams",
+                "apply a trained cascade to a cohort (BIDS root or manifest); write a table"),
 }
 
 
@@ -73,10 +79,91 @@ def _add_pretrain_sorter(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-address", default=S, help="join this Ray cluster")
 
 
+def _add_train(p: argparse.ArgumentParser) -> None:
+    p.add_argument("cache", nargs="?", default=S, metavar="CACHE_DIR",
+                   help="cache folder written by `brainrank ingest`")
+    p.add_argument("--out", default=S, metavar="MODEL_DIR", help="model folder to create")
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument("--sorter", default=S, metavar="FILE",
+                      help="rank loss through this learned sorter (.safetensors file or the "
+                           "name of a shipped sorter)")
+    rank.add_argument("--rank-loss", choices=["soft", "none"], default=S,
+                      help="rank loss without a sorter: soft ranks or none (soft)")
+    p.add_argument("--epochs", type=int, default=S, help="epochs of every training job (15)")
+    p.add_argument("--batch-size", type=int, default=S,
+                   help="global mini-batch, the sequence the rank loss ranks (16)")
+    p.add_argument("--workers", type=int, default=S,
+                   help="local: stage-1 jobs run side by side in this many processes; "
+                        "ray: Ray Train workers per stage (1)")
+    p.add_argument("--gpu", action="store_true", default=S, help="train on CUDA (bf16)")
+    p.add_argument("--seed", type=int, default=S, help="random seed (0)")
+    p.add_argument("--k-folds", type=int, default=S,
+                   help="cross-fitting folds for stage 2's out-of-fold inputs (3)")
+    p.add_argument("--engine", choices=["local", "ray"], default=S,
+                   help="train in this process or on Ray Train (local)")
+    p.add_argument("--storage-path", default=S,
+                   help="Ray Train storage (engine ray), outside MODEL_DIR")
+    p.add_argument("--ray-address", default=S, help="join this Ray cluster (engine ray)")
+    p.add_argument("--spacing", type=float, default=S,
+                   help="pick the cache of this voxel size (mm) when it holds several")
+    p.add_argument("--shape", type=int, nargs=3, default=S, metavar=("X", "Y", "Z"),
+                   help="pick the cache of this grid when it holds several")
+
+
+def _add_evaluate(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", nargs="?", default=S, metavar="MODEL_DIR",
+                   help="model folder written by `brainrank train`")
+    p.add_argument("cache", nargs="?", default=S, metavar="CACHE_DIR",
+                   help="cache holding volumes preprocessed as the model expects")
+    p.add_argument("--out", default=S, metavar="REPORT_DIR", help="report folder to write")
+    p.add_argument("--split", default=S,
+                   help="split label to evaluate, or 'all' for every cached subject (test)")
+    p.add_argument("--n-boot", type=int, default=S,
+                   help="bootstrap resamples for the 95%% intervals (1000; 0: none)")
+    p.add_argument("--seed", type=int, default=S, help="bootstrap seed (0)")
+    p.add_argument("--gpu", action="store_true", default=S, help="predict on CUDA")
+    p.add_argument("--no-store-bias", dest="store_bias", action="store_false", default=S,
+                   help="do not store the fitted bias correction in MODEL_DIR/bias.json")
+
+
+def _add_predict(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", nargs="?", default=S, metavar="MODEL_DIR",
+                   help="model folder written by `brainrank train`")
+    p.add_argument("cohort", nargs="?", default=S, metavar="COHORT",
+                   help="BIDS root or manifest (.csv, .tsv, .parquet); ages optional")
+    p.add_argument("--out", default=S, metavar="PREDICTIONS_FILE",
+                   help="output table, .csv or .parquet")
+    p.add_argument("--bias-correct", action="store_true", default=S,
+                   help="fill corrected_age/corrected_gap with the correction stored by "
+                        "`brainrank evaluate` (MODEL_DIR/bias.json)")
+    p.add_argument("--bias-method", choices=["beheshti", "cole"], default=S,
+                   help="form of the bias correction (beheshti)")
+    p.add_argument("--bias-file", default=S, metavar="FILE",
+                   help="bias.json to use instead of MODEL_DIR/bias.json")
+    p.add_argument("--cache", default=S, metavar="CACHE_DIR",
+                   help="preprocessing cache (default: <PREDICTIONS_FILE stem>.cache next to "
+                        "the output)")
+    p.add_argument("--spacing", type=float, default=S,
+                   help="expected voxel size, mm: refused unless it is the model's")
+    p.add_argument("--shape", type=int, nargs=3, default=S, metavar=("X", "Y", "Z"),
+                   help="expected grid: refused unless it is the model's")
+    p.add_argument("--workers", type=int, default=S, help="preprocessing workers (1)")
+    p.add_argument("--engine", choices=["local", "ray"], default=S,
+                   help="preprocess in local processes or as Ray tasks (local)")
+    p.add_argument("--allow-outside-root", action="store_true", default=S,
+                   help="accept manifest paths outside the manifest's folder")
+    p.add_argument("--gpu", action="store_true", default=S, help="predict on CUDA")
+    p.add_argument("--max-failed-fraction", type=float, default=S,
+                   help="exit 3 when more than this fraction is set aside (1.0)")
+
+
 _ADDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "simulate": _add_simulate,
     "ingest": _add_ingest,
     "pretrain-sorter": _add_pretrain_sorter,
+    "train": _add_train,
+    "evaluate": _add_evaluate,
+    "predict": _add_predict,
 }
 
 

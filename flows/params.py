@@ -77,3 +77,120 @@ class PretrainSorterParams(_Params):
     eval_every: int = Field(200, ge=1)
     engine: Literal["auto", "local", "ray"] = "auto"
     fail_at_step: int | None = Field(None, ge=1)
+
+
+class TrainParams(_Params):
+    """`brainrank train`: train the two-stage cascade on a cache into a model folder.
+
+    ``rank_loss`` defaults to "soft" (training-free soft Spearman); giving ``sorter`` (a sorter
+    file or a shipped sorter's name) selects "sorter". ``epochs`` (per job) and ``k_folds``
+    default to the CPU sizing of rankcore.train.cascade_plan.default_config. ``workers``: with
+    engine "local", the fold and final stage-1 jobs run side by side in this many processes;
+    with engine "ray", the Ray Train workers of every stage. ``spacing`` / ``shape`` pick the
+    cache's preprocessing config when it holds several. ``val_fraction``, ``options`` (more
+    TrainConfig keys, e.g. ``lr`` or ``backbone``) and ``stage2_options`` (stage-2 overrides)
+    have no CLI option: set them in --config.
+    """
+
+    cache: str
+    out: str
+    rank_loss: Literal["sorter", "soft", "none"] | None = None
+    sorter: str | None = Field(None, validate_default=True)
+    epochs: int = Field(15, ge=1, le=10_000)
+    batch_size: int = Field(16, ge=2, le=4096)
+    workers: int = Field(1, ge=1, le=256)
+    gpu: bool = False
+    seed: int = Field(0, ge=0)
+    k_folds: int = Field(3, ge=2, le=20)
+    val_fraction: float = Field(0.1, ge=0, le=0.5)
+    engine: Literal["local", "ray"] = "local"
+    storage_path: str | None = None
+    ray_address: str | None = None
+    spacing: float | None = Field(None, gt=0, le=8)
+    shape: tuple[int, int, int] | None = None
+    options: dict = Field(default_factory=dict)
+    stage2_options: dict = Field(default_factory=dict)
+
+    @field_validator("sorter")
+    @classmethod
+    def _sorter_matches_rank_loss(cls, v: str | None, info) -> str | None:
+        rank_loss = info.data.get("rank_loss")
+        if v is not None and rank_loss not in (None, "sorter"):
+            raise ValueError(f"is only used with rank_loss 'sorter' (rank_loss is {rank_loss!r})")
+        if v is None and rank_loss == "sorter":
+            raise ValueError("must name a sorter file or a shipped sorter when rank_loss is "
+                             "'sorter'")
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _positive_train_shape(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if v is not None and any(s <= 0 for s in v):
+            raise ValueError(f"must be three positive integers, got {v}")
+        return v
+
+    @field_validator("options")
+    @classmethod
+    def _no_duplicate_options(cls, v: dict) -> dict:
+        dup = sorted(set(v) & {"epochs", "batch_size", "seed", "rank_loss", "sorter"})
+        if dup:
+            raise ValueError(f"must not repeat top-level options ({', '.join(dup)}): set them "
+                             "directly")
+        return v
+
+
+class EvaluateParams(_Params):
+    """`brainrank evaluate`: score a trained cascade on one split of a cache, write a report.
+
+    ``split`` is the cache's split label ("test" by default) or "all". ``n_boot``, ``seed`` and
+    ``level`` set the bootstrap intervals (``n_boot`` 0: none). ``store_bias`` also stores the
+    validation-fitted correction in MODEL_DIR/bias.json for `brainrank predict --bias-correct`.
+    """
+
+    model_dir: str
+    cache: str
+    out: str
+    split: str = Field("test", min_length=1)
+    n_boot: int = Field(1000, ge=0, le=100_000)
+    seed: int = Field(0, ge=0)
+    level: float = Field(0.95, gt=0, lt=1)
+    batch_size: int | None = Field(None, ge=1)
+    gpu: bool = False
+    store_bias: bool = True
+
+
+class PredictParams(_Params):
+    """`brainrank predict`: apply a trained cascade to a cohort (BIDS root or manifest).
+
+    ``out`` ends in .csv or .parquet. ``cache`` is the preprocessing cache (default: a folder
+    ``<out without extension>.cache`` next to the output). ``spacing`` / ``shape``, when given,
+    must be the model's (a mismatch is refused). ``bias_correct`` applies MODEL_DIR/bias.json
+    (or ``bias_file``) in the ``bias_method`` form. The run exits 3 when more than
+    ``max_failed_fraction`` of the cohort is set aside. ``max_spacing_ratio`` and
+    ``batch_size`` have no CLI option: set them in --config.
+    """
+
+    model_dir: str
+    cohort: str
+    out: str
+    bias_correct: bool = False
+    bias_method: Literal["beheshti", "cole"] = "beheshti"
+    bias_file: str | None = None
+    cache: str | None = None
+    spacing: float | None = Field(None, gt=0, le=8)
+    shape: tuple[int, int, int] | None = None
+    workers: int = Field(1, ge=1, le=256)
+    engine: Literal["local", "ray"] = "local"
+    allow_outside_root: bool = False
+    batch_size: int | None = Field(None, ge=1)
+    gpu: bool = False
+    max_spacing_ratio: float = Field(2.0, ge=1)
+    max_failed_fraction: float = Field(1.0, ge=0, le=1)
+
+    @field_validator("shape")
+    @classmethod
+    def _positive_predict_shape(cls, v: tuple[int, int, int] | None
+                                ) -> tuple[int, int, int] | None:
+        if v is not None and any(s <= 0 for s in v):
+            raise ValueError(f"must be three positive integers, got {v}")
+        return v

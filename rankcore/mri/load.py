@@ -27,7 +27,6 @@ silent left-right flip would follow; such files are refused as ``bad_affine``. W
 
 from __future__ import annotations
 
-import gzip
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,20 +232,48 @@ def check_voxels(data: np.ndarray, source: str) -> None:
         raise QuarantineError("empty", f"{source}: every voxel equals {lo:g} (constant image)")
 
 
-def _read_bytes(path: Path, need: int) -> bytes:
-    """The first ``need`` bytes of the (decompressed) file.
+def _gunzip(raw: bytes, need: int) -> bytes:
+    """The first ``need`` bytes of a gzip stream, checking the whole stream.
 
-    A .nii.gz is then read to its end, discarding the rest, so that gzip checks the stream's
-    CRC: nibabel alone stops after the voxels and would accept a corrupted stream.
+    Decompression runs to the end of the last member (what follows ``need`` is discarded a
+    megabyte at a time), so that gzip's CRC-32 and length checks see every byte: stopping
+    after the voxels, as nibabel does, would accept a corrupted tail. Several members and
+    zero padding after the last one are accepted, like Python's ``gzip`` module.
+
+    Raises:
+        zlib.error: a corrupt stream or a failed check. EOFError: the stream ends early.
     """
-    if not path.name.endswith(".gz"):
-        with path.open("rb") as f:
-            raw = f.read(need)
-    else:
-        with gzip.open(path, "rb") as f:
-            raw = f.read(need)
-            while f.read(1 << 20):
-                pass
+    parts: list[bytes] = []
+    got = 0
+    data = raw
+    while True:
+        d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip wrapper
+        while not d.eof:
+            if data:
+                piece = d.decompress(data, need - got if got < need else 1 << 20)
+                data = d.unconsumed_tail
+            else:
+                piece = d.flush()
+                if not d.eof:
+                    raise EOFError("truncated gzip stream (it has no end-of-stream marker)")
+            if got < need and piece:
+                piece = piece[: need - got]
+                parts.append(piece)
+                got += len(piece)
+        data = d.unused_data
+        if not data.strip(b"\x00"):
+            break
+    if got < need:
+        raise EOFError(f"truncated: header promises {need:,} bytes, file holds {got:,}")
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _read_bytes(path: Path, need: int) -> bytes:
+    """The first ``need`` bytes of the (decompressed) file: header, extensions and voxels."""
+    if path.name.endswith(".gz"):
+        return _gunzip(path.read_bytes(), need)
+    with path.open("rb") as f:
+        raw = f.read(need)
     if len(raw) < need:
         raise EOFError(f"truncated: header promises {need:,} bytes, file holds {len(raw):,}")
     return raw
@@ -255,6 +282,10 @@ def _read_bytes(path: Path, need: int) -> bytes:
 def load_volume(path: str | Path, config: PreprocessConfig,
                 ) -> tuple[np.ndarray, np.ndarray, HeaderInfo]:
     """Check the header, then read the voxels as float32 with ``scl_slope``/``scl_inter`` applied.
+
+    The voxels are decoded straight from the file's bytes (``np.frombuffer``, one zlib pass
+    for .nii.gz), as ``nibabel``'s ``get_fdata`` would, but scaled in float32: the result
+    is Fortran-ordered (NIfTI's voxel order) and writeable.
 
     Args:
         path: .nii or .nii.gz file.
@@ -270,17 +301,22 @@ def load_volume(path: str | Path, config: PreprocessConfig,
             data cannot be read (truncated or corrupt stream), `nonfinite`, `empty`.
     """
     info = inspect_header(path, config)
-    klass = nib.Nifti2Image if info.format == "NIfTI-2" else nib.Nifti1Image
-    need = info.data_offset + info.n_voxels * np.dtype(info.dtype).itemsize
+    dtype = np.dtype(info.dtype)
+    need = info.data_offset + info.n_voxels * dtype.itemsize
     try:
         raw = _read_bytes(info.path, need)
-        img = klass.from_bytes(raw)
-        data = img.get_fdata(dtype=np.float32, caching="unchanged")
     except _READ_ERRORS as e:
         raise _unreadable(info.path, f"cannot read the voxel data ({type(e).__name__}: "
                                      f"{str(e).strip()})") from None
-    if data.dtype != np.float32:  # nibabel may widen to hold the scaled range
-        data = data.astype(np.float32)
-    data = data.reshape(info.spatial_shape)
+    voxels = np.frombuffer(raw, dtype=dtype, count=info.n_voxels, offset=info.data_offset)
+    voxels = voxels.reshape(info.spatial_shape, order="F")
+    slope = 1.0 if info.scl_slope is None else info.scl_slope
+    inter = 0.0 if info.scl_inter is None else info.scl_inter
+    data = voxels.astype(np.float32, order="F")  # a writeable copy even when already float32
+    del raw, voxels
+    if slope != 1.0:
+        data *= np.float32(slope)
+    if inter != 0.0:
+        data += np.float32(inter)
     check_voxels(data, str(info.path))
     return data, info.affine, info

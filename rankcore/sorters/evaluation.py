@@ -216,12 +216,13 @@ def gradient_agreement(surrogate: Surrogate, y: torch.Tensor, *, noise: float = 
         empty = torch.zeros(0, dtype=torch.float64)
         return empty, empty
     target = get_tiedrank(y.double()[keep], dim=-1)
-    param = _param_dtype(surrogate)
-    pv = p.to(param).requires_grad_(True)
+    dtype, device = _param_spec(surrogate)
+    pv = p.to(device=device, dtype=dtype).requires_grad_(True)
     with torch.enable_grad():
-        loss = (surrogate.ranks(pv).double() - target).square().mean(dim=-1).sum()
+        ranks = surrogate.ranks(pv).double()
+        loss = (ranks - target.to(ranks.device)).square().mean(dim=-1).sum()
         (grad,) = torch.autograd.grad(loss, pv)
-    grad = grad.double()
+    grad = grad.double().cpu()
     g_fd = fd_gradient(p, target, fd_scale=fd_scale, samples=samples, generator=gen)
     return _cosine(grad, g_fd), grad.norm(dim=-1) * p.std(dim=-1)
 
@@ -237,13 +238,29 @@ def fd_self_agreement(y: torch.Tensor, *, noise: float = NOISE, fd_scale: float 
     return _cosine(a, b)
 
 
-def _param_dtype(surrogate: Surrogate) -> torch.dtype:
+def _param_spec(surrogate: Surrogate) -> tuple[torch.dtype, torch.device]:
+    """(dtype, device) the surrogate computes in: its parameters' for a module."""
     module = surrogate.ranks
     if isinstance(module, torch.nn.Module):
         first = next(module.parameters(), None)
         if first is not None:
-            return first.dtype
-    return torch.float64
+            return first.dtype, first.device
+    return torch.float64, torch.device("cpu")
+
+
+#: Rows × N² budget of one surrogate call (pairwise sorters hold (rows, N, N, hidden) tensors).
+_PAIR_BUDGET = 2**20
+
+
+def _ranks_no_grad(surrogate: Surrogate, x: torch.Tensor) -> torch.Tensor:
+    """surrogate.ranks(x) without a graph, in row chunks; (B, N) float64 on the CPU."""
+    dtype, device = _param_spec(surrogate)
+    n = x.shape[-1]
+    step = max(1, _PAIR_BUDGET // (n * n))
+    with torch.no_grad():
+        parts = [surrogate.ranks(x[i:i + step].to(device=device, dtype=dtype)).double().cpu()
+                 for i in range(0, x.shape[0], step)]
+    return torch.cat(parts)
 
 
 @dataclass(frozen=True)
@@ -302,8 +319,7 @@ def evaluate_surrogate(surrogate: Surrogate, suite: Iterable[EvalBatch], *,
     for k, cell in enumerate(suite):
         if not surrogate.accepts(cell.seq_len):
             continue
-        with torch.no_grad():
-            pred = surrogate.ranks(cell.x.to(_param_dtype(surrogate)))
+        pred = _ranks_no_grad(surrogate, cell.x)
         cos = norm = math.nan
         if grad_rows and surrogate.differentiable:
             c, g = gradient_agreement(surrogate, cell.x[:grad_rows], noise=noise,

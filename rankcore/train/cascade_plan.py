@@ -40,6 +40,7 @@ __all__ = [
     "ENGINES",
     "EXECUTION_KEYS",
     "CascadePlan",
+    "check_model_dir",
     "default_config",
     "plan_cascade",
 ]
@@ -53,7 +54,7 @@ ENGINES = ("local", "ray")
 #: Default number of cross-fitting folds on CPU (see :func:`default_config`).
 DEFAULT_K_FOLDS = 3
 #: Default epochs of every stage-1 and stage-2 job on CPU (see :func:`default_config`).
-DEFAULT_EPOCHS = 12
+DEFAULT_EPOCHS = 15
 #: Fraction of the training pool set aside for validation when the cache names no val rows.
 DEFAULT_VAL_FRACTION = 0.1
 
@@ -62,22 +63,24 @@ EXECUTION_KEYS = ("device", "num_threads", "eval_batch_size")
 
 
 def default_config(**changes: Any) -> TrainConfig:
-    """The CPU default of a cascade run: :class:`TrainConfig` with ``epochs=DEFAULT_EPOCHS``.
+    """The CPU default of a cascade run: :class:`TrainConfig` with ``epochs=DEFAULT_EPOCHS`` (15)
+    and ``num_threads=1``; ``changes`` override any field.
 
-    Sizing (measured on the shared 2-core CPU of this project, one intra-op thread, default
-    backbone at (80, 96, 80), batch 16): ~40 training samples/s per stage (forward, backward
-    and optimiser step; see benchmarks/bench_train.py) and ~95 samples/s for validation. A
-    cascade with K folds trains K + 1 stage-1 models ((K − 1)/K of the training subjects each
-    for the folds, all of them for the final one) and one stage 2, i.e. about
-    (K + 1) · E epochs over N subjects. For the issue's target (train 300 of which 30 validate,
-    test 120, <= 15 minutes end to end on 2 cores) K = 3 and E = 12 give 4 · 12 · 270 ≈ 13,000
-    samples ≈ 5.5 minutes of training plus ~1 minute of validation and loading, leaving room
-    for simulation, ingest and evaluation. K = 3 is the fewest folds whose fold models still
-    see two thirds of the data (K = 2 would train them on half, making their out-of-fold
-    errors clearly larger than the final stage 1's); with ``workers=2`` on the local engine the
-    K + 1 stage-1 jobs run two at a time (``train_cascade``), which nearly halves that part.
+    Sizing (measured on this project's shared 2-core CPU, default backbone at (80, 96, 80),
+    batch 16, one intra-op thread; benchmarks/bench_train.py): ~40 training samples/s per
+    stage (forward, backward, optimiser step) and ~95 samples/s for validation, i.e. ~7 s per
+    stage-1 epoch over 270 training + 30 validation subjects. Two intra-op threads were 6x
+    SLOWER under contention (41 s per epoch), hence one thread, and parallelism across jobs
+    instead (``workers``). A cascade with K folds trains K + 1 stage-1 models ((K − 1)/K of the
+    training subjects each for the folds, all of them for the final one) and one stage 2:
+    about (K + 1) · E epochs over N subjects. K = 3 is the fewest folds whose fold models see
+    two thirds of the data (with K = 2 they see half, and their out-of-fold errors overstate
+    the final stage 1's). For the issue's target (train 300, test 120, <= 15 minutes end to end
+    on 2 cores) K = 3 and E = 15 cost ~7 minutes of training in one process (``workers=1``)
+    and ~4.5 minutes with ``workers=2`` (the K folds and the final stage 1 run two at a time),
+    leaving the rest for simulation, ingest and evaluation.
     """
-    base = {"epochs": DEFAULT_EPOCHS}
+    base: dict[str, Any] = {"epochs": DEFAULT_EPOCHS, "num_threads": 1}
     base.update(changes)
     return TrainConfig.from_dict(base)
 
@@ -206,7 +209,7 @@ def _resolve_devices(config: TrainConfig, engine: str, use_gpu: bool) -> str:
     return config.device
 
 
-def _check_model_dir(model_dir: Path, key: str, config: TrainConfig, k_folds: int,
+def check_model_dir(model_dir: Path, key: str, config: TrainConfig, k_folds: int,
                      data_digest: str) -> bool:
     """True when ``model_dir`` holds this very run; InputError when it holds something else."""
     if not model_dir.exists():
@@ -254,8 +257,9 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
     Args:
         cache_dir: the cache root (as given to ingest).
         model_dir: the model folder to create.
-        config: stage-1 training config (None: :func:`default_config`); ``config.seed`` also
-            seeds the validation carving and the folds.
+        config: stage-1 training config: a TrainConfig as it is, or a dict of changes to
+            :func:`default_config` (None: the defaults); ``config.seed`` also seeds the
+            validation carving and the folds.
         k_folds: cross-fitting folds (>= 2).
         val_fraction: validation share carved from the training pool when the cache has no
             ``val`` rows (0: no validation, no early stopping).
@@ -277,7 +281,9 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
     """
     from rankcore.cache import open_cache
 
-    config = default_config() if config is None else TrainConfig.from_dict(config)
+    if config is None or isinstance(config, dict):
+        config = default_config(**(config or {}))
+    config = TrainConfig.from_dict(config)
     k_folds = _positive_int(k_folds, "k_folds", 2)
     workers = _positive_int(workers, "workers", 1)
     if engine not in ENGINES:
@@ -328,7 +334,7 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
 
     key = training_key(config, config2, k_folds, val_fraction, digest)
     model_dir = Path(model_dir).expanduser().absolute()
-    reuse = _check_model_dir(model_dir, key, config, k_folds, digest)
+    reuse = check_model_dir(model_dir, key, config, k_folds, digest)
     staging = model_dir.parent / f"{model_dir.name}.tmp-{key[:12]}"
     if storage_path is not None:
         storage = Path(storage_path).expanduser().absolute()

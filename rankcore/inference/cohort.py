@@ -1,0 +1,257 @@
+"""Apply a saved cascade to a new cohort: ingest with the model's preprocessing, predict, write.
+
+Sequence of :func:`predict_cohort`:
+
+1. Check everything that can be checked before any work: the output's extension (``.csv`` or
+   ``.parquet``), the model folder, the expected ``spacing`` / ``shape`` if the caller states
+   them (they must be the model's: a model/cohort mismatch is refused with what the model
+   needs), and, with ``bias_correct``, the stored correction (MODEL_DIR/bias.json, written by
+   ``brainrank evaluate``; it must belong to this model).
+2. Read the cohort (BIDS root or manifest; ages optional) and ingest it into a cache with
+   EXACTLY the model card's PreprocessConfig. The cache folder defaults to
+   ``<out_file without extension>.cache`` next to the output, so a rerun reuses the
+   preprocessed volumes; ``cache_dir`` chooses another (keep one cache per cohort: rows of
+   other subjects in it are kept and ignored). Bad subjects are quarantined as ingest does.
+3. Set aside subjects whose source voxels are coarser than ``max_spacing_ratio`` times the
+   model's spacing (category ``spacing_mismatch``): upsampling cannot recreate the detail the
+   model was trained on. When no subject is left, the run fails with a clear message.
+4. Predict every remaining subject once; write the predictions table (CSV or Parquet by
+   extension) and ``<out_file without extension>.quarantine.csv`` (participant_id, key,
+   source, category, message; header only when nothing was set aside).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from rankcore.errors import InputError
+from rankcore.inference.bias_store import load_bias
+from rankcore.inference.model import check_preprocess, describe_config, predict_cascade
+from rankcore.report.predictions import check_table_path, predictions_table, write_table
+
+__all__ = ["MISMATCH_CATEGORY", "PredictionSummary", "check_prediction", "default_cache_dir",
+           "predict_cohort"]
+
+log = logging.getLogger("rankcore.inference")
+
+#: Quarantine category of subjects whose images are too coarse for the model.
+MISMATCH_CATEGORY = "spacing_mismatch"
+QUARANTINE_COLUMNS = ("participant_id", "key", "source", "category", "message")
+
+
+@dataclass(frozen=True)
+class PredictionSummary:
+    """What :func:`predict_cohort` did.
+
+    Attributes:
+        out_file: the predictions table.
+        quarantine_file: the subjects set aside, with the reason.
+        cache_dir: the cache root used for preprocessing.
+        total: cohort rows (including rows set aside while reading the table).
+        predicted: subjects predicted (rows of ``out_file``).
+        quarantined: count per category.
+        bias_corrected: the ``corrected_*`` columns are filled.
+        bias_method: their form (``"beheshti"`` or ``"cole"``), or None.
+        preprocess: the model's preprocessing config (dict).
+        seconds_ingest: wall time of the ingest step.
+    """
+
+    out_file: str
+    quarantine_file: str
+    cache_dir: str
+    total: int
+    predicted: int
+    quarantined: dict[str, int]
+    bias_corrected: bool
+    bias_method: str | None
+    preprocess: dict[str, Any]
+    seconds_ingest: float
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def n_quarantined(self) -> int:
+        return sum(self.quarantined.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "warnings": list(self.warnings),
+                "n_quarantined": self.n_quarantined}
+
+
+def default_cache_dir(out_file: str | Path) -> Path:
+    """``predictions.csv`` -> ``predictions.cache`` in the same folder."""
+    out = Path(out_file)
+    return out.with_name(f"{out.stem}.cache")
+
+
+def _quarantine_path(out_file: Path) -> Path:
+    return out_file.with_name(f"{out_file.stem}.quarantine.csv")
+
+
+def _check_method(method: str) -> str:
+    if method not in ("beheshti", "cole"):
+        raise InputError(f"`bias_method` must be 'beheshti' or 'cole', got {method!r}")
+    return method
+
+
+def _prepare(model_dir: str | Path, cohort: str | Path, out_file: Path, *, bias_correct: bool,
+             bias_method: str, bias_file: str | Path | None, spacing: float | None, shape: Any,
+             allow_outside_root: bool, device: str, max_spacing_ratio: float) -> tuple:
+    """Every check that needs no preprocessing: (cascade, card, config, correction, cohort)."""
+    from rankcore.mri import read_cohort
+    from rankcore.train.cascade import load_cascade
+    from rankcore.train.loop import resolve_device
+
+    check_table_path(out_file, "out")
+    _check_method(bias_method)
+    if isinstance(max_spacing_ratio, bool) or not float(max_spacing_ratio) >= 1.0:
+        raise InputError(f"`max_spacing_ratio` must be a number >= 1, got {max_spacing_ratio!r}")
+    cascade, card = load_cascade(model_dir, resolve_device(device))
+    config = check_preprocess(card, spacing=spacing, shape=shape)
+    correction = None
+    if bias_correct:
+        correction = load_bias(bias_file if bias_file is not None else model_dir, card)
+        if bias_method == "cole" and not correction.cole_defined:
+            raise InputError(f"Cole's correction cannot be applied with this model: the fitted "
+                             f"slope a = {correction.a:.4g} is not positive; use "
+                             "--bias-method beheshti")
+    parsed = read_cohort(cohort, allow_outside_root=allow_outside_root, require_age=False)
+    return cascade, card, config, correction, parsed
+
+
+def check_prediction(model_dir: str | Path, cohort: str | Path, out_file: str | Path, *,
+                     bias_correct: bool = False, bias_method: str = "beheshti",
+                     bias_file: str | Path | None = None, spacing: float | None = None,
+                     shape: Any = None, allow_outside_root: bool = False,
+                     device: str = "cpu", max_spacing_ratio: float = 2.0) -> int:
+    """Check the inputs of :func:`predict_cohort` without preprocessing anything.
+
+    Returns:
+        The number of cohort rows that will be preprocessed.
+
+    Raises:
+        InputError, CheckpointError: as :func:`predict_cohort` (before its ingest step).
+    """
+    parsed = _prepare(model_dir, cohort, Path(out_file), bias_correct=bias_correct,
+                      bias_method=bias_method, bias_file=bias_file, spacing=spacing,
+                      shape=shape, allow_outside_root=allow_outside_root, device=device,
+                      max_spacing_ratio=max_spacing_ratio)[4]
+    return len(parsed.rows)
+
+
+def predict_cohort(model_dir: str | Path, cohort: str | Path, out_file: str | Path, *,
+                   bias_correct: bool = False, bias_method: str = "beheshti",
+                   bias_file: str | Path | None = None, cache_dir: str | Path | None = None,
+                   spacing: float | None = None, shape: Any = None, workers: int = 1,
+                   engine: str = "local", allow_outside_root: bool = False,
+                   batch_size: int | None = None, device: str = "cpu",
+                   max_spacing_ratio: float = 2.0) -> PredictionSummary:
+    """Predict the brain age of every valid subject of ``cohort`` (see the module docstring).
+
+    Args:
+        model_dir: a folder written by :func:`rankcore.train.cascade.train_cascade`.
+        cohort: BIDS root or manifest (.csv/.tsv/.parquet); ages are optional.
+        out_file: the predictions table; ``.csv`` or ``.parquet`` (format by extension).
+        bias_correct: fill ``corrected_age`` / ``corrected_gap`` with the stored correction.
+        bias_method: ``"beheshti"`` (needs the age) or ``"cole"``.
+        bias_file: a bias.json to use instead of MODEL_DIR/bias.json.
+        cache_dir: preprocessing cache (None: :func:`default_cache_dir`).
+        spacing, shape: what the caller expects the model to take (mm, voxels); refused
+            unless they are the model's. None: no expectation.
+        workers, engine: ingest parallelism (see :func:`rankcore.cache.ingest_cohort`).
+        allow_outside_root: accept manifest paths outside the manifest's folder.
+        batch_size: subjects per forward pass (None: the card's).
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        max_spacing_ratio: set aside sources whose largest voxel side exceeds this times the
+            model's spacing.
+
+    Returns:
+        A :class:`PredictionSummary`.
+
+    Raises:
+        InputError: unusable arguments, a model/cohort mismatch, no stored correction when one
+            is asked for, an unreadable cohort table, or no subject left to predict.
+        CheckpointError: an unreadable model folder.
+    """
+    from rankcore.cache import VolumeDataset, ingest_cohort, open_cache
+    from rankcore.train.data import SubjectData
+
+    out_file = Path(out_file)
+    cascade, card, config, correction, parsed = _prepare(
+        model_dir, cohort, out_file, bias_correct=bias_correct, bias_method=bias_method,
+        bias_file=bias_file, spacing=spacing, shape=shape,
+        allow_outside_root=allow_outside_root, device=device,
+        max_spacing_ratio=max_spacing_ratio)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(out_file)
+    log.info("predicting %d subject-session(s) of %s with %s; preprocessing (%s) into %s",
+             len(parsed.rows), cohort, model_dir, describe_config(config), cache)
+    ingest = ingest_cohort(parsed, cache, config, engine=engine, workers=workers, prune=False)
+
+    view = open_cache(cache, config)
+    quarantine = pq.read_table(view.layout.quarantine_path).to_pylist() \
+        if view.layout.quarantine_path.exists() else []
+    bad_keys = {q["key"] for q in quarantine if q.get("key")}
+    position = {k: i for i, k in enumerate(view.keys)}
+    sources = view.table.column("source_path").to_pylist()
+    source_spacing = view.table.column("source_spacing").to_pylist()
+    rows, set_aside = [], []
+    for row in parsed.rows:
+        i = position.get(row.key)
+        if i is None or row.key in bad_keys:
+            continue  # quarantined by ingest (listed in its table)
+        if os.path.realpath(sources[i]) != os.path.realpath(row.path):
+            raise InputError(f"cache {str(cache)!r} holds another image for {row.key} "
+                             f"({sources[i]}): give --cache a folder of its own for this cohort")
+        coarsest = max(source_spacing[i] or [0.0])
+        if coarsest > max_spacing_ratio * config.spacing:
+            set_aside.append({
+                "participant_id": row.participant_id, "key": row.key, "source": str(row.path),
+                "category": MISMATCH_CATEGORY,
+                "message": f"source voxels of {coarsest:.3g} mm are coarser than "
+                           f"{max_spacing_ratio:g} x the model's {config.spacing:g} mm; the "
+                           "model was not trained on such images"})
+            continue
+        rows.append(i)
+    q_rows = [{c: q.get(c) for c in QUARANTINE_COLUMNS} for q in quarantine] + set_aside
+    counts: dict[str, int] = {}
+    for q in q_rows:
+        counts[q["category"]] = counts.get(q["category"], 0) + 1
+    q_file = _quarantine_path(out_file)
+    write_table(pa.Table.from_pylist(q_rows, schema=pa.schema(
+        [(c, pa.string()) for c in QUARANTINE_COLUMNS])), q_file)
+    if not rows:
+        mismatch = f"; {len(set_aside)} set aside as a model/cohort mismatch (images coarser " \
+                   f"than the model's {config.spacing:g} mm grid)" if set_aside else ""
+        raise InputError(f"no subject of {str(cohort)!r} could be predicted: "
+                         f"{len(q_rows)} of {ingest.total} set aside{mismatch}; see {q_file}")
+
+    ds = VolumeDataset(cache, config)
+    data = SubjectData.from_dataset(ds, preload=False).subset(rows)
+    table = view.table
+    ages = np.asarray(table.column("age").to_numpy(zero_copy_only=False), dtype=np.float64)[rows]
+    stage1, final = predict_cascade(cascade, card, data, batch_size=batch_size)
+    col = {c: table.column(c).to_pylist() for c in ("participant_id", "session", "site", "sex")}
+    out = predictions_table(
+        [col["participant_id"][i] for i in rows], [col["session"][i] for i in rows],
+        [col["site"][i] for i in rows], ages, stage1, final, correction=correction,
+        method=bias_method, extra={"sex": [col["sex"][i] for i in rows],
+                                   "source_path": [sources[i] for i in rows]})
+    write_table(out, out_file)
+    warnings = []
+    if bias_correct and bias_method == "beheshti" and not np.isfinite(ages).all():
+        warnings.append(f"{int((~np.isfinite(ages)).sum())} subject(s) have no age: their "
+                        "Beheshti-corrected values are empty (Cole's form needs no age)")
+    log.info("wrote %d prediction(s) to %s; %d subject(s) set aside (%s)", len(rows), out_file,
+             len(q_rows), q_file)
+    return PredictionSummary(
+        out_file=str(out_file), quarantine_file=str(q_file), cache_dir=str(cache),
+        total=ingest.total, predicted=len(rows), quarantined=counts,
+        bias_corrected=bias_correct, bias_method=bias_method if bias_correct else None,
+        preprocess=config.to_dict(), seconds_ingest=ingest.seconds, warnings=tuple(warnings))

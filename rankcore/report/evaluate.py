@@ -1,0 +1,378 @@
+"""Evaluate a trained cascade on one split of a cache and write the report folder.
+
+REPORT_DIR (written as a temporary sibling folder, then renamed into place: a reader sees the
+old report or the new one, never half of one)::
+
+    metrics.json            n, mae, rmse, pearson_r, srcc, r2, mean_bias, gap_age_corr, each
+                            with a 95 % bootstrap interval; stage1; bias_corrected; per_site;
+                            floor (simulated cohorts); provenance
+    predictions.csv         one row per evaluated subject (rankcore.report.predictions)
+    bias.json               the validation-fitted correction (also stored in MODEL_DIR)
+    pred_vs_age.png, gap_vs_age.png, site_gap.png, training_curves.png
+    report.md, report.html  (the HTML embeds the figures: one self-contained file)
+
+The bias correction is fitted on the model's VALIDATION subjects (the card's split), predicted
+here with the same code as the evaluated split; it never sees the evaluated subjects unless
+the user evaluates the validation split itself (reported as in-sample). When the validation
+subjects are not available (another cohort's cache and no training cache), the correction
+stored in MODEL_DIR/bias.json by an earlier evaluation is used, else none is reported.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rankcore.bias import BiasCorrection, fit_bias_correction
+from rankcore.errors import InputError
+from rankcore.inference.bias_store import BIAS_FILE, load_bias, save_bias
+from rankcore.inference.model import describe_config, model_preprocess, predict_cascade
+from rankcore.report.floor import simulated_floor
+from rankcore.report.metrics_table import build_metrics
+from rankcore.report.plots import plot_gap_vs_age, plot_pred_vs_age, plot_site_boxes
+from rankcore.report.predictions import predictions_table, write_table
+from rankcore.report.render import Figure, render_html, render_markdown, report_blocks
+
+__all__ = ["ALL_SPLITS", "Evaluation", "check_evaluation", "evaluate_model"]
+
+log = logging.getLogger("rankcore.report")
+
+#: ``split`` value that evaluates every row of the cache.
+ALL_SPLITS = "all"
+METRICS_FILE = "metrics.json"
+CURVES_FILE = "training_curves.png"
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What :func:`evaluate_model` wrote.
+
+    Attributes:
+        out_dir: the report folder.
+        metrics: the content of metrics.json.
+        files: file name -> path of every file written.
+        summary_markdown: the report without figures (for a Prefect markdown artifact).
+        warnings: things a reader must know (in-sample evaluation, no correction, ...).
+    """
+
+    out_dir: Path
+    metrics: dict[str, Any]
+    files: dict[str, str]
+    summary_markdown: str
+    warnings: tuple[str, ...] = field(default_factory=tuple)
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    """Refuse an out_dir that exists and is neither empty nor an earlier report."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise InputError(f"`out_dir` must be a folder, got the file {str(out_dir)!r}")
+    if any(out_dir.iterdir()) and not (out_dir / METRICS_FILE).is_file():
+        raise InputError(f"`out_dir` {str(out_dir)!r} is not empty and holds no earlier report "
+                         "(metrics.json): choose another folder")
+
+
+def _swap_in(tmp: Path, out_dir: Path) -> None:
+    """Rename the finished ``tmp`` onto ``out_dir`` (replacing an earlier report)."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+        os.replace(out_dir, old)
+    try:
+        os.replace(tmp, out_dir)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out_dir)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _open_model_cache(cache_dir: str | Path, config: Any) -> Any:
+    """The cache view of the model's preprocessing config, or a mismatch error."""
+    from rankcore.cache import open_cache
+    from rankcore.cache.layout import CacheLayout, read_config
+
+    try:
+        return open_cache(cache_dir, config)
+    except InputError:
+        found = []
+        for manifest in sorted(Path(cache_dir).glob("*/manifest.json")):
+            try:
+                found.append(describe_config(read_config(CacheLayout(Path(cache_dir),
+                                                                     manifest.parent.name))))
+            except InputError:
+                continue
+        if not found:
+            raise
+        raise InputError(f"model/cohort mismatch: the model was trained on volumes at "
+                         f"{describe_config(config)}, but cache {str(cache_dir)!r} holds "
+                         f"{'; '.join(found)}: run `brainrank ingest COHORT --cache "
+                         f"{cache_dir} --spacing {config.spacing:g} --shape "
+                         f"{' '.join(map(str, config.shape))}` first") from None
+
+
+def _data_digest(view: Any) -> str:
+    from rankcore.train.split import DIGEST_COLUMNS, cache_data_digest
+
+    columns = {c: view.table.column(c).to_pylist() for c in DIGEST_COLUMNS}
+    return cache_data_digest(view.layout.digest, columns)
+
+
+def _subjects(cache_dir: str | Path, config: Any) -> Any:
+    """All rows of the model's cache as a lazily read SubjectData (volumes read per batch)."""
+    from rankcore.cache import VolumeDataset
+    from rankcore.train.data import SubjectData
+
+    ds = VolumeDataset(cache_dir, config)
+    data = SubjectData.from_dataset(ds, preload=False)
+    # The dataset's ages are float32 (training tensors); reports keep the table's float64.
+    data.ages = np.asarray(ds.view.table.column("age").to_numpy(zero_copy_only=False),
+                           dtype=np.float64)
+    return data
+
+
+def _validation_correction(cascade: Any, card: dict[str, Any], model_dir: Path,
+                           cache_dir: str | Path, view: Any, data: Any, config: Any,
+                           batch_size: int | None) -> tuple[BiasCorrection | None, str,
+                                                             tuple[str, ...]]:
+    """Fit the correction on the card's validation subjects (or load the stored one).
+
+    The validation subjects are looked up only in a cache holding exactly the training data
+    (its data digest equals the card's): the evaluated cache, else the training cache named in
+    the card. Matching by id alone could pick another cohort's subjects that share the ids.
+
+    Returns:
+        (correction or None, where it came from, the validation keys used).
+    """
+    from rankcore.cache import open_cache
+
+    val_keys = tuple(card.get("split", {}).get("val", ()))
+    digest = card.get("data", {}).get("digest")
+    candidates = [(str(cache_dir), view, data)]
+    train_cache = card.get("data", {}).get("cache_dir")
+    if train_cache and Path(train_cache).resolve() != Path(cache_dir).resolve():
+        candidates.append((train_cache, None, None))
+    if len(val_keys) >= 2 and digest:
+        for where, v, subjects in candidates:
+            try:
+                v = v if v is not None else open_cache(where, config)
+                if _data_digest(v) != digest:
+                    continue
+                subjects = subjects if subjects is not None else _subjects(where, config)
+            except InputError:
+                continue
+            position = {k: i for i, k in enumerate(subjects.participant_ids)}
+            if not all(k in position for k in val_keys):
+                continue
+            val = subjects.subset([position[k] for k in val_keys])
+            _, final = predict_cascade(cascade, card, val, batch_size=batch_size)
+            try:
+                correction = fit_bias_correction(final, val.ages, fitted_on="val")
+            except InputError:
+                continue
+            return correction, f"fitted on {len(val_keys)} validation subjects of {where}", \
+                val_keys
+    try:
+        correction = load_bias(model_dir, card)
+    except InputError:
+        return None, "the training data (validation subjects) is not available and no " \
+                     "correction is stored in MODEL_DIR", val_keys
+    return correction, f"stored in {model_dir / BIAS_FILE}", val_keys
+
+
+def _copy_curves(model_dir: Path, card: dict[str, Any], tmp: Path) -> bool:
+    src = model_dir / card.get("files", {}).get("curves", CURVES_FILE)
+    if src.is_file():
+        shutil.copyfile(src, tmp / CURVES_FILE)
+        return True
+    stages = card.get("stages")
+    if isinstance(stages, dict) and stages:
+        from rankcore.train.curves import plot_training_curves
+
+        plot_training_curves({j: s.get("history", []) for j, s in stages.items()},
+                             tmp / CURVES_FILE, title=f"cascade {model_dir.name}")
+        return True
+    return False
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float | np.floating):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _setup(model_dir: Path, cache_dir: str | Path, out_dir: Path, split: str,
+           device: str) -> tuple[Any, dict[str, Any], Any, Any, np.ndarray]:
+    """Load and check everything: (cascade, card, config, cache view, rows to evaluate)."""
+    from rankcore.train.cascade import load_cascade
+    from rankcore.train.loop import resolve_device
+
+    if not isinstance(split, str) or not split:
+        raise InputError(f"`split` must be a split name or 'all', got {split!r}")
+    _prepare_out_dir(out_dir)
+    cascade, card = load_cascade(model_dir, resolve_device(device))
+    config = model_preprocess(card)
+    view = _open_model_cache(cache_dir, config)
+    labels = view.table.column("split").to_pylist()
+    if split == ALL_SPLITS:
+        rows = np.arange(len(view))
+    else:
+        if split not in view.splits:
+            raise InputError(f"`split` must be one of {[*view.splits, ALL_SPLITS]} for cache "
+                             f"{str(cache_dir)!r}, got {split!r}")
+        rows = np.flatnonzero(np.asarray([s == split for s in labels]))
+    if len(rows) == 0:
+        raise InputError(f"cache {str(cache_dir)!r} has no subjects in split {split!r}")
+    return cascade, card, config, view, rows
+
+
+def check_evaluation(model_dir: str | Path, cache_dir: str | Path, out_dir: str | Path, *,
+                     split: str = "test", device: str = "cpu") -> int:
+    """Check the inputs of :func:`evaluate_model` without predicting; return the subject count.
+
+    Raises:
+        InputError, CheckpointError: as :func:`evaluate_model`.
+    """
+    return len(_setup(Path(model_dir), cache_dir, Path(out_dir), split, device)[4])
+
+
+def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | Path, *,
+                   split: str = "test", n_boot: int = 1000, seed: int = 0,
+                   level: float = 0.95, batch_size: int | None = None, device: str = "cpu",
+                   store_bias: bool = True) -> Evaluation:
+    """Predict every subject of ``split`` once, score them and write the report folder.
+
+    Args:
+        model_dir: a folder written by :func:`rankcore.train.cascade.train_cascade`.
+        cache_dir: a cache holding volumes preprocessed with the model's config.
+        out_dir: the report folder (created; an earlier report there is replaced).
+        split: the cache's ``split`` label to evaluate, or ``"all"`` for every row.
+        n_boot, seed, level: bootstrap resamples, seed and interval coverage.
+        batch_size: subjects per forward pass (None: the card's ``eval_batch_size``).
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        store_bias: also store the fitted correction in MODEL_DIR/bias.json (for
+            ``predict --bias-correct``); a read-only MODEL_DIR only logs a warning.
+
+    Returns:
+        An :class:`Evaluation`.
+
+    Raises:
+        InputError: a cache without the model's preprocessing (mismatch), an unknown or empty
+            split, an ``out_dir`` holding something else.
+        CheckpointError: an unreadable model folder.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    cascade, card, config, view, rows = _setup(model_dir, cache_dir, out_dir, split, device)
+    table = view.table
+    data = _subjects(cache_dir, config)
+    if tuple(data.participant_ids) != tuple(view.keys):
+        raise InputError(f"cache {str(cache_dir)!r} changed while it was read: run again")
+    subjects = data.subset(rows)
+    log.info("evaluating %s on %d subject(s) of split %r of %s", model_dir, len(rows), split,
+             view.layout.folder)
+    stage1, final = predict_cascade(cascade, card, subjects, batch_size=batch_size)
+    if len(final) != len(rows):  # every subject exactly once: no padding, no loss
+        raise InputError(f"predicted {len(final)} subjects for {len(rows)} rows")
+
+    warnings: list[str] = []
+    correction, bias_source, val_keys = _validation_correction(
+        cascade, card, model_dir, cache_dir, view, data, config, batch_size)
+    keys = [view.keys[i] for i in rows]
+    same_data = _data_digest(view) == card.get("data", {}).get("digest")
+    split_card = card.get("split", {})
+    trained_on = set(split_card.get("train", ())) | set(val_keys)
+    overlap = sum(k in trained_on for k in keys) if same_data else 0
+    if overlap:
+        warnings.append(f"{overlap} of the {len(keys)} evaluated subjects were used in "
+                        "training or validation (in-sample)")
+    if correction is None:
+        warnings.append(f"no bias correction: {bias_source}")
+    elif same_data and set(keys) & set(val_keys):
+        warnings.append("the bias correction was fitted on evaluated subjects (the validation "
+                        "split): its corrected metrics are in-sample")
+
+    ages = subjects.ages
+    sites = [None if s == "n/a" else s for s in subjects.sites]
+    metrics = build_metrics(final, stage1, ages, sites, correction=correction, n_boot=n_boot,
+                            seed=seed, level=level)
+    metrics["bias_corrected"]["source"] = bias_source
+    sources = table.column("source_path").to_pylist()
+    pids = table.column("participant_id").to_pylist()
+    metrics["floor"] = simulated_floor([sources[i] for i in rows], [pids[i] for i in rows])
+    metrics.update({
+        "split": split, "model_dir": str(model_dir.resolve()),
+        "cache_dir": str(Path(cache_dir).resolve()),
+        "training_key": card.get("training_key"), "preprocess": config.to_dict(),
+        "same_data_as_training": same_data, "overlap_with_training": overlap,
+        "warnings": warnings,
+    })
+    metrics = _json_safe(metrics)
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        sessions = table.column("session").to_pylist()
+        pred_table = predictions_table(
+            [pids[i] for i in rows], [sessions[i] for i in rows], sites, ages, stage1, final,
+            correction=correction, cole=True)
+        write_table(pred_table, tmp / "predictions.csv")
+        if correction is not None:
+            save_bias(tmp / BIAS_FILE, correction, card, source=bias_source,
+                      val_keys=list(val_keys))
+        gap = final - ages
+        corrected_gap = None
+        if correction is not None:
+            corrected_gap = np.asarray(pred_table.column("corrected_gap").to_numpy(
+                zero_copy_only=False), dtype=np.float64)
+        figures = [Figure("pred_vs_age.png", "Predicted vs chronological age (identity line "
+                                             "in black)"),
+                   Figure("gap_vs_age.png", "Brain-age gap vs age, before and after "
+                                            "bias correction"),
+                   Figure("site_gap.png", "Brain-age gap per site")]
+        plot_pred_vs_age(ages, final, tmp / figures[0].file, stage1=stage1)
+        plot_gap_vs_age(ages, gap, tmp / figures[1].file, corrected_gap=corrected_gap)
+        plot_site_boxes(sites, gap, tmp / figures[2].file)
+        if _copy_curves(model_dir, card, tmp):
+            figures.append(Figure(CURVES_FILE, "Training curves (copied from the model "
+                                               "folder)"))
+        facts = [f"model: {model_dir.resolve()} (training key "
+                 f"{str(card.get('training_key'))[:12]})",
+                 f"cache: {Path(cache_dir).resolve()} ({describe_config(config)})",
+                 f"split: {split} ({len(rows)} subjects, {metrics['n']} with an age)",
+                 f"bias correction: {bias_source}", *warnings]
+        title = f"Brain-age evaluation of {model_dir.name} on split {split}"
+        blocks = report_blocks(metrics, figures, title=title, facts=facts)
+        (tmp / "report.md").write_text(render_markdown(blocks), encoding="utf-8")
+        (tmp / "report.html").write_text(render_html(blocks, tmp), encoding="utf-8")
+        (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n",
+                                        encoding="utf-8")
+        _swap_in(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if correction is not None and store_bias:
+        try:
+            save_bias(model_dir / BIAS_FILE, correction, card, source=bias_source,
+                      val_keys=list(val_keys))
+        except OSError as err:
+            log.warning("could not store the bias correction in %s: %s", model_dir, err)
+    files = {p.name: str(p) for p in sorted(out_dir.iterdir()) if p.is_file()}
+    summary = render_markdown([b for b in blocks if b.kind != "figure"])
+    return Evaluation(out_dir, metrics, files, summary, tuple(warnings))

@@ -1,0 +1,288 @@
+"""The jobs of a cascade run: each a function of the plan alone, run anywhere.
+
+``run_job(plan, job)`` trains one fold model (``fold-i``: stage 1 on the other folds, then
+predicts fold i), the final stage 1 (``stage1``: all training subjects; predicts validation and,
+for the record, its own training subjects) or stage 2 (``stage2``: on the out-of-fold stage-1
+estimates; validated on the final stage 1's). It reads the cache and what earlier jobs left in
+the plan's staging folder, so it can run in this process, in a process pool or as a Prefect
+task; run again, it resumes from its latest epoch checkpoint (a finished job only recomputes
+its predictions). Files of a job, in ``staging/<stage dir>/``: the stage's model and card
+(rankcore.train.checkpoint) and ``heldout.csv`` (folds) or ``predictions.csv``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from rankcore.errors import InputError, TrainingError
+from rankcore.train.cascade_plan import CARD_FILE, CascadePlan
+from rankcore.train.checkpoint import load_stage_model
+from rankcore.train.data import SubjectData
+from rankcore.train.loop import StageResult, train_stage
+from rankcore.train.predict import predict
+from rankcore.train.split import DIGEST_COLUMNS, cache_data_digest
+
+__all__ = ["HELDOUT_FILE", "PREDICTIONS_FILE", "Progress", "clear_data_cache", "epoch_line",
+           "fmt_years", "progress_event", "read_predictions", "run_job", "stage_dir",
+           "stage_summary", "write_csv"]
+
+log = logging.getLogger("rankcore.train.cascade")
+
+#: ``progress(event)`` after every epoch of every job. ``event`` holds ``job``, ``stage``,
+#: ``epoch`` (1-based), ``epochs`` (planned), ``fraction`` (of all planned epochs, in [0, 1]),
+#: ``done`` (the job finished) and ``metrics`` (the loop's per-epoch metrics dict).
+Progress = Callable[[dict[str, Any]], None]
+
+PREDICTIONS_FILE = "predictions.csv"
+HELDOUT_FILE = "heldout.csv"
+
+
+# ---- data --------------------------------------------------------------------------------
+
+_DATA: dict[tuple[str, str], SubjectData] = {}
+
+
+def _load_subjects(plan: CascadePlan) -> SubjectData:
+    """Training + validation subjects of the plan, volumes preloaded (memoised per process).
+
+    The volumes keep the cache's storage dtype (float16 by default: 300 subjects at
+    (80, 96, 80) take 370 MB). Only the last plan's data is kept.
+    """
+    memo_key = (plan.cache_dir, plan.data_digest)
+    data = _DATA.get(memo_key)
+    if data is not None:
+        return data
+    _DATA.clear()
+    from rankcore.cache import VolumeDataset
+    from rankcore.mri.types import PreprocessConfig
+
+    ds = VolumeDataset(plan.cache_dir, PreprocessConfig(**plan.preprocess))
+    table = ds.view.table
+    columns = {c: table.column(c).to_pylist() for c in DIGEST_COLUMNS}
+    if cache_data_digest(plan.preproc_digest, columns) != plan.data_digest:
+        raise InputError(f"cache {plan.cache_dir!r} changed since this run was planned: run "
+                         "the training again")
+    wanted = [*plan.split["train"], *plan.split["val"]]
+    position = {k: i for i, k in enumerate(ds.keys)}
+    rows = [position[k] for k in wanted]
+    first = np.asarray(ds.volume(rows[0]))
+    dtype = torch.float16 if first.dtype == np.float16 else torch.float32
+    images = torch.empty((len(rows), 1, *first.shape), dtype=dtype)
+    for j, i in enumerate(rows):
+        images[j, 0] = torch.from_numpy(np.array(ds.volume(i)))
+    data = SubjectData.from_tensors(images, [ds.ages[i] for i in rows],
+                                    sex=[ds.sexes[i] for i in rows], participant_ids=wanted,
+                                    sites=[ds.sites[i] for i in rows])
+    _DATA[memo_key] = data
+    return data
+
+
+def clear_data_cache() -> None:
+    """Drop the memoised volumes (:func:`run_job` keeps the last plan's in memory)."""
+    _DATA.clear()
+
+
+def _splits(plan: CascadePlan) -> tuple[SubjectData, SubjectData | None]:
+    data = _load_subjects(plan)
+    n_train, n_val = len(plan.split["train"]), len(plan.split["val"])
+    train = data.subset(np.arange(n_train))
+    val = data.subset(np.arange(n_train, n_train + n_val)) if n_val else None
+    return train, val
+
+
+# ---- small files ---------------------------------------------------------------------------
+
+def write_csv(path: Path, header: list[str], rows: list[list[Any]]) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(header)
+            w.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_predictions(path: Path, column: str) -> dict[str, float]:
+    if not path.is_file():
+        raise TrainingError(f"{str(path)!r} is missing: run the job that writes it first")
+    with open(path, newline="") as fh:
+        return {row["key"]: float(row[column]) for row in csv.DictReader(fh)}
+
+
+def fmt_years(x: float) -> str:
+    return f"{x:.6f}"
+
+
+# ---- jobs --------------------------------------------------------------------------------
+
+def epoch_line(job: str, m: dict[str, Any], epochs: int) -> str:
+    line = (f"{job} epoch {m['epoch'] + 1}/{epochs}: loss {m['train_total']:.3f} (regression "
+            f"{m['train_regression']:.3f}, rank {m['train_rank']:.4f}, diff "
+            f"{m['train_diff']:.3f}) train MAE {m['train_mae']:.2f}")
+    if "val_mae" in m:
+        line += f" | val MAE {m['val_mae']:.2f} SRCC {m['val_srcc']:.3f}"
+    return line
+
+
+def progress_event(plan: CascadePlan, job: str, metrics: dict[str, Any], done: bool = False
+           ) -> dict[str, Any]:
+    epochs = plan.epochs(job)
+    epoch = epochs if done else int(metrics["epoch"]) + 1
+    return {"job": job, "stage": 2 if job == "stage2" else 1, "epoch": epoch,
+            "epochs": epochs, "done": done, "metrics": dict(metrics),
+            "fraction": (plan.epoch_offset(job) + epoch) / plan.total_epochs}
+
+
+def _ray_storage(plan: CascadePlan) -> tuple[Path, bool]:
+    if plan.storage_path is None:
+        return Path(tempfile.mkdtemp(prefix="brainrank-ray-")), True
+    return Path(plan.storage_path) / f"cascade-{plan.training_key[:12]}", False
+
+
+def _train(plan: CascadePlan, job: str, train: SubjectData, val: SubjectData | None,
+           out_dir: Path, progress: Progress | None) -> StageResult:
+    stage = 2 if job == "stage2" else 1
+    config = plan.train_config(job)
+
+    def report(metrics: dict[str, Any], _path: Path | None) -> None:
+        if progress is not None:
+            progress(progress_event(plan, job, metrics))
+
+    try:
+        if plan.engine == "local":
+            return train_stage(stage, config, train, val, out_dir=out_dir, report=report,
+                               resume=True)
+        if (out_dir / CARD_FILE).is_file():  # finished in an earlier attempt
+            model, card = load_stage_model(out_dir)
+            return StageResult(model, card["history"], card["best_epoch"], out_dir, card)
+        from rankcore.train.ray_train import train_stage_ray
+
+        storage, temporary = _ray_storage(plan)
+        try:
+            res = train_stage_ray(stage, config, train, val, out_dir=out_dir,
+                                  num_workers=plan.workers, use_gpu=plan.use_gpu,
+                                  storage_path=storage, name=job, max_failures=1)
+        finally:
+            if temporary:
+                shutil.rmtree(storage, ignore_errors=True)
+        for m in res.history:  # the workers' log lines stay with Ray: repeat them here
+            log.info(epoch_line(job, m, config.epochs))
+            report(m, None)
+        return res
+    except TrainingError as err:
+        raise TrainingError(f"{job}: {err} Nothing was written to `model_dir` "
+                            f"{plan.model_dir!r}; running the same training again resumes "
+                            f"from {plan.staging_dir!r}.") from err
+
+
+def run_job(plan: CascadePlan, job: str, progress: Progress | None = None) -> dict[str, Any]:
+    """Run one job of the plan (see the module docstring) in the staging folder.
+
+    Args:
+        plan: from :func:`rankcore.train.cascade_plan.plan_cascade`.
+        job: one of ``plan.jobs``.
+        progress: called after every epoch (see :data:`Progress`).
+
+    Returns:
+        ``{"job", "epochs_run", "best_epoch", "seconds", "val_mae"}`` (val_mae None without
+        validation).
+
+    Raises:
+        InputError: unknown job, or the cache changed since planning.
+        TrainingError: the loss became NaN (the last good checkpoint stays in the staging
+            folder), or ``stage2`` before the jobs it needs.
+    """
+    if job not in plan.jobs:
+        raise InputError(f"`job` must be one of {', '.join(plan.jobs)}, got {job!r}")
+    t0 = time.perf_counter()
+    staging = Path(plan.staging_dir)
+    staging.mkdir(parents=True, exist_ok=True)
+    train, val = _splits(plan)
+    config = plan.train_config(job)
+    kw = {"batch_size": config.eval_batch_size, "flip_tta": config.flip_tta,
+          "channels_last": config.channels_last, "amp": config.amp}
+    if job.startswith("fold-"):
+        fold = int(job.split("-", 1)[1])
+        folds = np.asarray(plan.folds)
+        held = np.flatnonzero(folds == fold)
+        log.info("%s: stage 1 on %d subjects, predicts the %d held out", job,
+                 len(train) - len(held), len(held))
+        out = staging / "crossfit" / job
+        out.parent.mkdir(exist_ok=True)
+        res = _train(plan, job, train.subset(np.flatnonzero(folds != fold)), val, out, progress)
+        pred = predict(res.model, train, indices=held, **kw)
+        write_csv(out / HELDOUT_FILE, ["key", "fold", "stage1_oof"],
+                   [[train.participant_ids[i], fold, fmt_years(p)] for i, p in zip(held, pred)])
+    elif job == "stage1":
+        log.info("stage1: stage 1 on all %d training subjects", len(train))
+        out = staging / "stage1"
+        res = _train(plan, job, train, val, out, progress)
+        rows = [[k, "train", fmt_years(p)] for k, p in
+                zip(train.participant_ids, predict(res.model, train, **kw))]
+        if val is not None:
+            rows += [[k, "val", fmt_years(p)] for k, p in
+                     zip(val.participant_ids, predict(res.model, val, **kw))]
+        write_csv(out / PREDICTIONS_FILE, ["key", "role", "stage1"], rows)
+    else:
+        oof = {}
+        for i in range(plan.k_folds):
+            oof.update(read_predictions(staging / "crossfit" / f"fold-{i}" / HELDOUT_FILE,
+                                         "stage1_oof"))
+        s1 = read_predictions(staging / "stage1" / PREDICTIONS_FILE, "stage1")
+        log.info("stage2: stage 2 on %d training subjects with out-of-fold stage-1 estimates",
+                 len(train))
+        train2 = train.with_stage1([oof[k] for k in train.participant_ids])
+        val2 = None if val is None else val.with_stage1([s1[k] for k in val.participant_ids])
+        out = staging / "stage2"
+        res = _train(plan, job, train2, val2, out, progress)
+        rows = []
+        if val2 is not None:
+            rows = [[k, fmt_years(b), fmt_years(p)] for k, b, p in
+                    zip(val2.participant_ids, val2.stage1, predict(res.model, val2, **kw))]
+        write_csv(out / PREDICTIONS_FILE, ["key", "stage1", "cascade"], rows)
+    if progress is not None and res.history:
+        progress(progress_event(plan, job, res.history[-1], done=True))
+    val_mae = res.history[res.best_epoch].get("val_mae") if res.history else None
+    return {"job": job, "epochs_run": len(res.history), "best_epoch": res.best_epoch,
+            "seconds": time.perf_counter() - t0, "val_mae": val_mae}
+
+
+def stage_dir(plan: CascadePlan, job: str) -> Path:
+    """The folder of ``job``'s stage inside the staging folder."""
+    staging = Path(plan.staging_dir)
+    return staging / "crossfit" / job if job.startswith("fold-") else staging / job
+
+
+def stage_summary(folder: Path) -> dict[str, Any]:
+    """History, best epoch, sizes and seconds of the finished stage in ``folder``.
+
+    Raises:
+        TrainingError: the stage has not finished.
+    """
+    try:
+        card = json.loads((folder / CARD_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        raise TrainingError(f"{str(folder)!r} holds no finished stage: run its job first") \
+            from None
+    history = card["history"]
+    return {"history": history, "best_epoch": card["best_epoch"],
+            "epochs_run": len(history), "n_train": card["n_train"], "n_val": card["n_val"],
+            "seconds": float(sum(m.get("seconds", 0.0) for m in history)),
+            "resumes": card.get("resumes", [])}

@@ -1,0 +1,66 @@
+"""Prefect task of the evaluate flow: a thin wrapper around rankcore.report.evaluate_model.
+
+Not retried: evaluation is deterministic and writes its report folder atomically, so a
+failure leaves the earlier report (if any) in place and the same command can simply be run
+again.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from rankcore.report.evaluate import evaluate_model
+
+#: rankcore loggers whose records reach the run's log.
+LOGGERS = ("rankcore.report", "rankcore.inference", "rankcore.cache")
+
+
+class _ToRunLogger(logging.Handler):
+    def __init__(self, target: logging.LoggerAdapter):
+        super().__init__(logging.INFO)
+        self.target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.target.log(record.levelno, record.getMessage())
+
+
+@contextlib.contextmanager
+def forward_logs(target: logging.LoggerAdapter, names: Sequence[str] = LOGGERS
+                 ) -> Iterator[None]:
+    """Send the records of the ``names`` loggers (INFO and up) to a Prefect run logger."""
+    handler = _ToRunLogger(target)
+    saved = []
+    for name in names:
+        source = logging.getLogger(name)
+        saved.append((source, source.level, source.propagate))
+        source.addHandler(handler)
+        source.setLevel(logging.INFO)
+        source.propagate = False  # the run logger prints to the console already
+    try:
+        yield
+    finally:
+        for source, level, propagate in saved:
+            source.removeHandler(handler)
+            source.level, source.propagate = level, propagate
+
+
+@task(name="evaluate-model", retries=0, cache_policy=NO_CACHE)
+def evaluate_task(model_dir: str, cache: str, out: str, split: str, n_boot: int, seed: int,
+                  level: float, batch_size: int | None, device: str,
+                  store_bias: bool) -> dict[str, Any]:
+    """Predict the split once per subject, score it, write REPORT_DIR; return a JSON-able dict.
+
+    Keys: out_dir, files (name -> path), metrics (metrics.json), summary_markdown, warnings.
+    """
+    with forward_logs(get_run_logger()):
+        ev = evaluate_model(model_dir, cache, out, split=split, n_boot=n_boot, seed=seed,
+                            level=level, batch_size=batch_size, device=device,
+                            store_bias=store_bias)
+    return {"out_dir": str(ev.out_dir), "files": ev.files, "metrics": ev.metrics,
+            "summary_markdown": ev.summary_markdown, "warnings": list(ev.warnings)}
