@@ -29,6 +29,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                  "score a trained cascade on a split of a cache; write metrics, plots, report"),
     "predict": ("flows.predict", "PredictParams",
                 "apply a trained cascade to a cohort (BIDS root or manifest); write a table"),
+    "pipeline": ("flows.pipeline", "PipelineParams",
+                 "the main job: (simulate) -> ingest -> sorter -> train -> evaluate into "
+                 "RUN_DIR, reusing unchanged stages"),
+    "submit": ("flows.submit", "SubmitParams",
+               "run the pipeline (or one stage) as a job on a Ray cluster"),
+    "serve": ("flows.serve", "ServeParams",
+              "serve the scheduled and ad hoc Prefect deployments (prefect.serve)"),
 }
 
 
@@ -157,6 +164,64 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
                    help="exit 3 when more than this fraction is set aside (1.0)")
 
 
+def _add_pipeline(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", default=S, metavar="RUN_DIR",
+                   help="run folder (a rerun reuses every stage whose inputs did not change)")
+    p.add_argument("--cohort", default=S, metavar="COHORT",
+                   help="BIDS root or manifest (.csv, .tsv, .parquet); default: simulate one")
+    p.add_argument("--spacing", type=float, default=S, help="ingest voxel size, mm (2.0)")
+    p.add_argument("--shape", type=int, nargs=3, default=S, metavar=("X", "Y", "Z"),
+                   help="ingest grid in voxels (80 96 80)")
+    p.add_argument("--allow-outside-root", action="store_true", default=S,
+                   help="accept manifest paths outside the manifest's folder")
+    p.add_argument("--max-failed-fraction", type=float, default=S,
+                   help="stop (exit 3) when more than this fraction is quarantined (0.5)")
+    p.add_argument("--ray-address", default=S,
+                   help="join this Ray cluster (default: $RAY_ADDRESS; else Ray starts "
+                        "locally when a stage needs it)")
+    p.add_argument("--until", choices=["simulate", "ingest", "sorter", "train", "evaluate"],
+                   default=S, help="stop after this stage (evaluate)")
+
+
+def _add_submit(p: argparse.ArgumentParser) -> None:
+    p.add_argument("stage", nargs="?", default=S, metavar="COMMAND",
+                   choices=["pipeline", "simulate", "ingest", "pretrain-sorter", "train",
+                            "evaluate", "predict"],
+                   help="the brainrank command the job runs (pipeline)")
+    p.add_argument("--address", default=S, metavar="URL",
+                   help="the cluster's job server, http://HEAD:8265 (default: "
+                        "$RAY_API_SERVER_ADDRESS)")
+    p.add_argument("--config", dest="job_config", default=S, metavar="FILE",
+                   help="the job command's --config file (validated here, sent with the job)")
+    p.add_argument("--job-args", default=S, metavar="OPTIONS",
+                   help='the job command\'s options as one string, e.g. "--out RUN_DIR"')
+    p.add_argument("--working-dir", default=S, metavar="DIR",
+                   help="brainrank source folder uploaded as the job's code (.)")
+    p.add_argument("--pip", action="append", default=S, metavar="REQUIREMENT",
+                   help="pip requirement to add to the job's environment (repeatable)")
+    p.add_argument("--env", action="append", default=S, metavar="KEY=VALUE",
+                   help="environment variable of the job, e.g. PREFECT_API_URL (repeatable)")
+    p.add_argument("--wait", action="store_true", default=S,
+                   help="stream the job's logs until it ends; exit 0 only if it SUCCEEDED")
+    p.add_argument("--timeout", type=float, default=S, help="stop waiting after S seconds")
+    p.add_argument("--submission-id", default=S, help="the job's id (default: Ray picks one)")
+    p.add_argument("--num-cpus", type=float, default=S, help="CPUs reserved for the driver")
+    p.add_argument("--num-gpus", type=float, default=S, help="GPUs reserved for the driver")
+    p.add_argument("--token-file", default=S, metavar="FILE",
+                   help="the cluster's auth token (RAY_AUTH_MODE=token clusters; default "
+                        "$RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
+
+
+def _add_serve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root", default=S, metavar="DIR",
+                   help="folder of every deployment's outputs (runs/scheduled)")
+    p.add_argument("--cohort", default=S, metavar="COHORT",
+                   help="cohort of the scheduled runs (default: a simulated one)")
+    p.add_argument("--only", nargs="+", default=S, metavar="FLOW/NAME",
+                   help="serve only these deployments (e.g. pipeline/weekly)")
+    p.add_argument("--limit", type=int, default=S, help="flow runs at a time")
+
+
 _ADDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "simulate": _add_simulate,
     "ingest": _add_ingest,
@@ -164,6 +229,9 @@ _ADDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "train": _add_train,
     "evaluate": _add_evaluate,
     "predict": _add_predict,
+    "pipeline": _add_pipeline,
+    "submit": _add_submit,
+    "serve": _add_serve,
 }
 
 
@@ -176,8 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
         _ADDERS[name](p)
-        p.add_argument("--config", default=None, metavar="FILE",
-                       help="YAML or JSON file whose keys mirror the options")
+        if not any("--config" in a.option_strings for a in p._actions):
+            p.add_argument("--config", default=None, metavar="FILE",
+                           help="YAML or JSON file whose keys mirror the options")
     return parser
 
 
@@ -201,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from flows import _config, params
 
         model = getattr(params, model_name)
-        run_params = _config.build_params(model, given, args.config)
+        run_params = _config.build_params(model, given, getattr(args, "config", None))
         _prepare_environment()
         module = importlib.import_module(module_name)
         return int(module.run_cli(run_params))

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 
 class _Params(BaseModel):
@@ -194,3 +202,253 @@ class PredictParams(_Params):
         if v is not None and any(s <= 0 for s in v):
             raise ValueError(f"must be three positive integers, got {v}")
         return v
+
+
+# ------------------------------------------------------------------------------- pipeline
+# The pipeline's sections are the stage models minus what the pipeline decides itself (paths
+# inside RUN_DIR, the preprocessing grid, the ranking loss, the Ray address): derived from the
+# stage models, so that a new stage option is a pipeline option too, with the same default.
+
+
+def _section(model: type[BaseModel], name: str, drop: tuple[str, ...], doc: str
+             ) -> type[_Params]:
+    """A parameters model with ``model``'s fields (types, defaults, bounds) minus ``drop``."""
+    fields = {n: (f.annotation, f) for n, f in model.model_fields.items() if n not in drop}
+    return create_model(name, __base__=_Params, __doc__=doc, __module__=__name__, **fields)
+
+
+#: Fields of each stage model that the pipeline sets itself (not options of its sections).
+PIPELINE_DERIVED: dict[str, tuple[str, ...]] = {
+    "simulate": ("out_dir",),
+    "ingest": ("cohort", "cache", "spacing", "shape", "max_failed_fraction",
+               "allow_outside_root", "require_age", "ray_address"),
+    "pretrain": ("out", "ray_address"),
+    "train": ("cache", "out", "rank_loss", "sorter", "ray_address", "spacing", "shape"),
+    "evaluate": ("model_dir", "cache", "out"),
+}
+
+PipelineSimulate = _section(
+    SimulateParams, "PipelineSimulate", PIPELINE_DERIVED["simulate"],
+    "Section `simulate` of the pipeline: the simulated cohort used when no `cohort` is given.")
+PipelineIngest = _section(
+    IngestParams, "PipelineIngest", PIPELINE_DERIVED["ingest"],
+    "Section `ingest`: how subjects are preprocessed (the grid is the top-level `spacing` "
+    "and `shape`).")
+PipelinePretrain = _section(
+    PretrainSorterParams, "PipelinePretrain", PIPELINE_DERIVED["pretrain"],
+    "Section `sorter.pretrain`: the sorter pretrained into RUN_DIR/sorter.safetensors when "
+    "`sorter.source` is 'pretrain'.")
+PipelineTrain = _section(
+    TrainParams, "PipelineTrain", PIPELINE_DERIVED["train"],
+    "Section `train`: the cascade (the ranking loss comes from the `sorter` section).")
+PipelineEvaluate = _section(
+    EvaluateParams, "PipelineEvaluate", PIPELINE_DERIVED["evaluate"],
+    "Section `evaluate`: the report on the held-out split.")
+
+
+class PipelineSorter(_Params):
+    """Section `sorter`: the ranking loss the cascade trains with.
+
+    ``source``: "shipped" (the sorter shipped with brainrank named ``name``; default),
+    "file" (the sorter file ``file``), "pretrain" (pretrain one as ``pretrain`` says into
+    RUN_DIR/sorter.safetensors; on Ray Train when ``pretrain.workers`` > 1 or a Ray address is
+    given), "soft" (training-free soft ranks, no sorter) or "none" (no ranking loss).
+    """
+
+    source: Literal["shipped", "file", "pretrain", "soft", "none"] = "shipped"
+    name: str = Field("pairwise", min_length=1)
+    file: str | None = None
+    pretrain: PipelinePretrain = Field(default_factory=PipelinePretrain)
+
+    @model_validator(mode="after")
+    def _file_with_source_file(self) -> PipelineSorter:
+        if (self.file is None) == (self.source == "file"):
+            raise ValueError(f"`file` must be given exactly when `source` is 'file' (source "
+                             f"{self.source!r}, file {self.file!r})")
+        return self
+
+
+_SECTIONS = ("simulate", "ingest", "sorter", "train", "evaluate")
+
+
+class PipelineParams(_Params):
+    """`brainrank pipeline`: cohort -> ingest -> sorter -> cascade -> evaluation, in RUN_DIR.
+
+    ``out`` is RUN_DIR. Without ``cohort`` the cohort is simulated (section ``simulate``).
+    ``spacing``, ``shape``, ``allow_outside_root``, ``max_failed_fraction`` are the ingest
+    options (the pipeline stops when more than that fraction is quarantined). When no cohort
+    row is labelled ``test``, about ``test_fraction`` of the unlabelled participants are held
+    out as the test split, drawn by a hash of ``split_seed`` and the participant id (stable as
+    the cohort grows). ``until`` stops after that stage (e.g. "ingest" for a nightly ingest of
+    new subjects into the same RUN_DIR). ``ray_address`` (default:
+    the RAY_ADDRESS variable) is the cluster every Ray engine joins; without one Ray starts
+    locally when a stage needs it. The sections ``simulate``, ``ingest``, ``sorter``,
+    ``train``, ``evaluate`` hold each stage's options (keys as in --config files of the
+    stage commands); ``train.options`` / ``train.stage2_options`` reach TrainConfig.
+    """
+
+    out: str = Field(min_length=1)
+    cohort: str | None = None
+    spacing: float = Field(2.0, gt=0, le=8)
+    shape: tuple[int, int, int] = (80, 96, 80)
+    allow_outside_root: bool = False
+    max_failed_fraction: float = Field(0.5, ge=0, le=1)
+    ray_address: str | None = None
+    test_fraction: float = Field(0.2, gt=0, le=0.5)
+    split_seed: int = Field(0, ge=0)
+    until: Literal["simulate", "ingest", "sorter", "train", "evaluate"] = "evaluate"
+    simulate: PipelineSimulate = Field(default_factory=PipelineSimulate)
+    ingest: PipelineIngest = Field(default_factory=PipelineIngest)
+    sorter: PipelineSorter = Field(default_factory=PipelineSorter)
+    train: PipelineTrain = Field(default_factory=PipelineTrain)
+    evaluate: PipelineEvaluate = Field(default_factory=PipelineEvaluate)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dashed_section_keys(cls, data: object) -> object:
+        # --config files may spell keys with dashes, as the options are spelled.
+        if not isinstance(data, dict):
+            return data
+        out = dict(data)
+        for name in (*_SECTIONS, "pretrain"):
+            section = out.get(name)
+            if isinstance(section, dict):
+                out[name] = cls._dashed_section_keys(
+                    {str(k).replace("-", "_"): v for k, v in section.items()})
+        return out
+
+    @field_validator("shape")
+    @classmethod
+    def _positive_pipeline_shape(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if any(s <= 0 for s in v):
+            raise ValueError(f"must be three positive integers, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _stages_validate(self) -> PipelineParams:
+        # Build every stage's parameters once, so that a bad combination fails when the
+        # configuration is read, not hours later when its stage starts.
+        builds = (("simulate", lambda: self.simulate_params("cohort")),
+                  ("ingest", lambda: self.ingest_params("cohort", "cache")),
+                  ("sorter.pretrain", lambda: self.pretrain_params("sorter.safetensors")),
+                  ("train", lambda: self.train_params("cache", "model", "sorter.safetensors")),
+                  ("evaluate", lambda: self.evaluate_params("model", "cache", "report")))
+        for section, build in builds:
+            try:
+                build()
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                loc = ".".join(str(x) for x in first["loc"])
+                raise ValueError(f"section `{section}`: `{loc}` "
+                                 f"{first['msg'].removeprefix('Value error, ')}") from None
+        return self
+
+    def simulate_params(self, out_dir: str) -> SimulateParams:
+        """Parameters of the simulate stage writing into ``out_dir``."""
+        return SimulateParams(out_dir=out_dir, **self.simulate.model_dump())
+
+    def ingest_params(self, cohort: str, cache: str, *,
+                      allow_outside_root: bool | None = None) -> IngestParams:
+        """Parameters of the ingest stage (``allow_outside_root`` overrides the option)."""
+        return IngestParams(
+            cohort=cohort, cache=cache, spacing=self.spacing, shape=self.shape,
+            max_failed_fraction=self.max_failed_fraction,
+            allow_outside_root=(self.allow_outside_root if allow_outside_root is None
+                                else allow_outside_root),
+            require_age=True, ray_address=self.ray_address, **self.ingest.model_dump())
+
+    def pretrain_params(self, out: str) -> PretrainSorterParams:
+        """Parameters of the sorter pretraining (source 'pretrain') writing ``out``."""
+        return PretrainSorterParams(out=out, ray_address=self.ray_address,
+                                    **self.sorter.pretrain.model_dump())
+
+    def train_params(self, cache: str, out: str, pretrained: str | None = None) -> TrainParams:
+        """Parameters of the cascade training; ``pretrained`` is the pretrained sorter file."""
+        source = self.sorter.source
+        sorter = {"shipped": self.sorter.name, "file": self.sorter.file,
+                  "pretrain": pretrained}.get(source)
+        rank_loss = "sorter" if source in ("shipped", "file", "pretrain") else source
+        return TrainParams(cache=cache, out=out, rank_loss=rank_loss, sorter=sorter,
+                           ray_address=self.ray_address, spacing=self.spacing,
+                           shape=self.shape, **self.train.model_dump())
+
+    def evaluate_params(self, model_dir: str, cache: str, out: str) -> EvaluateParams:
+        """Parameters of the evaluation of ``model_dir`` on ``cache`` into ``out``."""
+        return EvaluateParams(model_dir=model_dir, cache=cache, out=out,
+                              **self.evaluate.model_dump())
+
+
+#: Commands a Ray job can run (`brainrank submit COMMAND`).
+JobCommand = Literal["pipeline", "simulate", "ingest", "pretrain-sorter", "train", "evaluate",
+                     "predict"]
+
+
+class SubmitParams(_Params):
+    """`brainrank submit`: run a brainrank command (the pipeline by default) as a Ray job.
+
+    ``address``: the cluster's job server, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS,
+    or $RAY_ADDRESS when it is an http address). ``stage`` is the command the job runs.
+    ``job_config`` (option --config) is that command's own --config file and ``job_args`` its
+    options (a list, or one string split like a shell would); both are merged and validated by
+    the command's model before submission. ``working_dir`` is uploaded as the
+    job's code (a brainrank source folder; default "."); ``pip`` and ``env`` (KEY=VALUE, e.g.
+    PREFECT_API_URL) extend the job's runtime environment. ``wait`` streams the job's logs
+    until it ends (``timeout`` s at most) and exits non-zero unless it SUCCEEDED.
+    ``num_cpus`` / ``num_gpus`` reserve resources for the job's driver. ``token_file``: the
+    cluster's token when it runs with RAY_AUTH_MODE=token (see flows/submit.py).
+    """
+
+    address: str | None = None
+    stage: JobCommand = "pipeline"
+    job_config: str | None = None
+    job_args: list[str] = Field(default_factory=list)
+    working_dir: str = "."
+    pip: list[str] = Field(default_factory=list)
+    env: dict[str, str] = Field(default_factory=dict)
+    wait: bool = False
+    timeout: float | None = Field(None, gt=0)
+    submission_id: str | None = None
+    num_cpus: float | None = Field(None, ge=0)
+    num_gpus: float | None = Field(None, ge=0)
+    token_file: str | None = None
+
+    @field_validator("job_args", mode="before")
+    @classmethod
+    def _shell_words(cls, v: object) -> object:
+        if isinstance(v, str):
+            import shlex
+
+            try:
+                return shlex.split(v)
+            except ValueError as exc:
+                raise ValueError(f"must be options as a shell would split them ({exc})"
+                                 ) from None
+        return v
+
+    @field_validator("env", mode="before")
+    @classmethod
+    def _key_value_pairs(cls, v: object) -> object:
+        if isinstance(v, list | tuple):
+            bad = [item for item in v if not isinstance(item, str) or "=" not in item
+                   or item.startswith("=")]
+            if bad:
+                raise ValueError(f"must be KEY=VALUE pairs, got {bad[0]!r}")
+            return dict(item.split("=", 1) for item in v)
+        return v
+
+
+class ServeParams(_Params):
+    """`brainrank serve`: serve the project's deployments with ``prefect.serve``.
+
+    The same deployments as deployments/prefect.yaml (a weekly pipeline run that retrains and
+    evaluates when the data changed, a nightly ingest of new subjects, ad hoc runs of the
+    pipeline and of every stage flow), with every path under ``root`` and ``cohort`` as the
+    cohort (default: none, the pipeline simulates one). ``only``: deployment names to serve
+    (default all); ``limit``: flow runs at a time. Needs a Prefect server (PREFECT_API_URL)
+    for the schedules to fire; runs until interrupted.
+    """
+
+    root: str = Field("runs/scheduled", min_length=1)
+    cohort: str | None = None
+    only: list[str] = Field(default_factory=list)
+    limit: int | None = Field(None, ge=1)

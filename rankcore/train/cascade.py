@@ -13,9 +13,9 @@ Steps (DESIGN.md's data flow; FIELD.md's defects of the reference avoided)::
 
 Every job is a function of the plan alone (:func:`rankcore.train.cascade_jobs.run_job`): it
 reads the cache and what earlier jobs left in the staging folder, so a job can run in this
-process, in a process pool or as a Prefect task, and the job is the retry unit. A job that is run again resumes from its
-latest epoch checkpoint (a finished job only recomputes its predictions). ``fold-*`` and
-``stage1`` are independent; ``stage2`` needs all of them.
+process, in a process pool or as a Prefect task, and the job is the retry unit. A job that is
+run again resumes from its latest epoch checkpoint (a finished job only recomputes its
+predictions). ``fold-*`` and ``stage1`` are independent; ``stage2`` needs all of them.
 
 MODEL_DIR layout::
 
@@ -124,10 +124,10 @@ def _build_card(plan: CascadePlan, staging: Path) -> dict[str, Any]:
     oof: dict[str, float] = {}
     for i in range(plan.k_folds):
         oof.update(read_predictions(staging / "crossfit" / f"fold-{i}" / HELDOUT_FILE,
-                                     "stage1_oof"))
+                                    "stage1_oof"))
     oof_arr = np.array([oof[k] for k in train_keys])
     write_csv(staging / "crossfit" / OOF_FILE, ["key", "fold", "stage1_oof"],
-               [[k, f, fmt_years(p)] for k, f, p in zip(train_keys, plan.folds, oof_arr)])
+              [[k, f, fmt_years(p)] for k, f, p in zip(train_keys, plan.folds, oof_arr)])
     s1 = read_predictions(staging / "stage1" / PREDICTIONS_FILE, "stage1")
     final = read_predictions(staging / "stage2" / PREDICTIONS_FILE, "cascade")
     s1_train = np.array([s1[k] for k in train_keys])
@@ -238,8 +238,8 @@ def train_cascade(cache_dir: str | Path, model_dir: str | Path,
         model_dir: the model folder to create.
         config: stage-1 TrainConfig (used as it is) or a dict of changes to
             :func:`rankcore.train.cascade_plan.default_config` (15 epochs, one intra-op
-            thread; with ``k_folds=3`` sized for train 300 in ~7 minutes on 2 CPU cores, ~4.5
-            with ``workers=2``). None: the defaults.
+            thread; with ``k_folds=3``, 300 cached subjects train in ~6 minutes on 2 shared
+            CPU cores). None: the defaults.
         workers: engine ``"local"``: processes running the independent stage-1 jobs (the K
             folds and the final stage 1) side by side, one intra-op thread each unless the
             config says otherwise; engine ``"ray"``: Ray Train workers of every stage

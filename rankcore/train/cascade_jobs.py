@@ -229,7 +229,7 @@ def run_job(plan: CascadePlan, job: str, progress: Progress | None = None) -> di
         res = _train(plan, job, train.subset(np.flatnonzero(folds != fold)), val, out, progress)
         pred = predict(res.model, train, indices=held, **kw)
         write_csv(out / HELDOUT_FILE, ["key", "fold", "stage1_oof"],
-                   [[train.participant_ids[i], fold, fmt_years(p)] for i, p in zip(held, pred)])
+                  [[train.participant_ids[i], fold, fmt_years(p)] for i, p in zip(held, pred)])
     elif job == "stage1":
         log.info("stage1: stage 1 on all %d training subjects", len(train))
         out = staging / "stage1"
@@ -244,7 +244,7 @@ def run_job(plan: CascadePlan, job: str, progress: Progress | None = None) -> di
         oof = {}
         for i in range(plan.k_folds):
             oof.update(read_predictions(staging / "crossfit" / f"fold-{i}" / HELDOUT_FILE,
-                                         "stage1_oof"))
+                                        "stage1_oof"))
         s1 = read_predictions(staging / "stage1" / PREDICTIONS_FILE, "stage1")
         log.info("stage2: stage 2 on %d training subjects with out-of-fold stage-1 estimates",
                  len(train))

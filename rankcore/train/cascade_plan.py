@@ -66,19 +66,20 @@ def default_config(**changes: Any) -> TrainConfig:
     """The CPU default of a cascade run: :class:`TrainConfig` with ``epochs=DEFAULT_EPOCHS`` (15)
     and ``num_threads=1``; ``changes`` override any field.
 
-    Sizing (measured on this project's shared 2-core CPU, default backbone at (80, 96, 80),
-    batch 16, one intra-op thread; benchmarks/bench_train.py): ~40 training samples/s per
-    stage (forward, backward, optimiser step) and ~95 samples/s for validation, i.e. ~7 s per
-    stage-1 epoch over 270 training + 30 validation subjects. Two intra-op threads were 6x
-    SLOWER under contention (41 s per epoch), hence one thread, and parallelism across jobs
-    instead (``workers``). A cascade with K folds trains K + 1 stage-1 models ((K − 1)/K of the
-    training subjects each for the folds, all of them for the final one) and one stage 2:
-    about (K + 1) · E epochs over N subjects. K = 3 is the fewest folds whose fold models see
-    two thirds of the data (with K = 2 they see half, and their out-of-fold errors overstate
-    the final stage 1's). For the issue's target (train 300, test 120, <= 15 minutes end to end
-    on 2 cores) K = 3 and E = 15 cost ~7 minutes of training in one process (``workers=1``)
-    and ~4.5 minutes with ``workers=2`` (the K folds and the final stage 1 run two at a time),
-    leaving the rest for simulation, ingest and evaluation.
+    Sizing, measured on this project's shared 2-core CPU (default backbone, (80, 96, 80),
+    batch 16; benchmarks/bench_train.py): 40-60 training samples/s per process with one
+    intra-op thread (forward, backward, optimiser step), 95-170 samples/s forward only. Two
+    intra-op threads were 6x SLOWER under contention (41 s instead of 7 s per epoch), hence
+    one thread. A cascade with K folds trains K + 1 stage-1 models ((K − 1)/K of the training
+    subjects each for the folds, all of them for the final one) and one stage 2: about
+    (K + 1) · E epochs over N subjects. K = 3 is the fewest folds whose fold models see two
+    thirds of the data (with K = 2 they see half, and their out-of-fold errors overstate the
+    final stage 1's). Measured end to end (loading the cache, 4 stage-1 jobs, stage 2, card)
+    on 300 cached subjects (270 train + 30 validation) with K = 3, E = 15: 353 s with
+    ``workers=1`` (load average ~3 from other users), 488 s with ``workers=2`` under a load
+    average of ~5 — on a busy machine a second process does not help; on two idle cores it
+    should run the K + 1 stage-1 jobs two at a time. Either way this leaves most of the issue's
+    15-minute budget (train 300 / test 120 on 2 cores) for simulation, ingest and evaluation.
     """
     base: dict[str, Any] = {"epochs": DEFAULT_EPOCHS, "num_threads": 1}
     base.update(changes)
