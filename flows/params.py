@@ -62,8 +62,8 @@ class PretrainSorterParams(_Params):
     ``batch_size`` is per worker. ``engine`` ``auto`` trains in this process with one worker
     and no ``ray_address``, on Ray Train otherwise. ``target_strength`` is the σ of the
     smoothed targets (rankcore.train.sorter; 0 = exact ranks). ``sizes``, ``loss``,
-    ``target_strength``, ``eval_every`` and ``engine`` have no CLI option: set them in
-    --config. ``fail_at_step`` is a test hook (one worker fails once after that step).
+    ``target_strength``, ``eval_every``, ``eval_rows`` and ``engine`` have no CLI option:
+    set them in --config. ``fail_at_step`` is a test hook (one worker fails once after it).
     """
 
     out: str
@@ -83,6 +83,7 @@ class PretrainSorterParams(_Params):
     loss: Literal["l1", "mse"] = "l1"
     target_strength: float = Field(0.05, ge=0, le=10)
     eval_every: int = Field(200, ge=1)
+    eval_rows: int = Field(16, ge=1, le=1024)
     engine: Literal["auto", "local", "ray"] = "auto"
     fail_at_step: int | None = Field(None, ge=1)
 

@@ -23,7 +23,7 @@ def sorter_config(params: PretrainSorterParams) -> dict[str, Any]:
     return {"kind": params.kind, "seq_len": [params.seq_len], "sizes": dict(params.sizes),
             "steps": params.steps, "batch_size": params.batch_size, "lr": params.lr,
             "loss": params.loss, "target_strength": params.target_strength,
-            "seed": params.seed, "eval_every": params.eval_every,
+            "seed": params.seed, "eval_every": params.eval_every, "eval_rows": params.eval_rows,
             "checkpoint_every": params.checkpoint_every,
             "device": "cuda" if params.gpu else "cpu"}
 

@@ -46,11 +46,12 @@ _TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 def resolve_address(address: str | None) -> str:
     """The job server's address: ``address``, $RAY_API_SERVER_ADDRESS, or an http $RAY_ADDRESS."""
-    for value in (address, os.environ.get("RAY_API_SERVER_ADDRESS"),
-                  os.environ.get("RAY_ADDRESS")):
+    candidates = [address] if address else [os.environ.get("RAY_API_SERVER_ADDRESS"),
+                                            os.environ.get("RAY_ADDRESS")]
+    for value in candidates:
         if value and value.startswith(("http://", "https://")):
             return value.rstrip("/")
-    given = address or os.environ.get("RAY_API_SERVER_ADDRESS") or os.environ.get("RAY_ADDRESS")
+    given = next((v for v in candidates if v), None)
     raise InputError(f"`address` must be the http(s) address of the cluster's job server "
                      f"(http://HEAD:8265), got {given!r}")
 

@@ -13,22 +13,13 @@ import os
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from _tiny_pipeline import TINY
 
 from flows.cli import main
 from flows.params import PipelineParams
 from flows.pipeline import pipeline_flow
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
-
-#: 14 subjects + 1 broken file at 4 mm, cached at 6 mm on (16, 20, 16): one epoch, two folds.
-TINY = {
-    "spacing": 6.0, "shape": [16, 20, 16], "test_fraction": 0.25,
-    "simulate": {"subjects": 14, "spacing": 4.0, "sites": 2, "corrupt": 1},
-    "sorter": {"source": "shipped", "name": "pairwise"},
-    "train": {"epochs": 1, "batch_size": 4, "k_folds": 2, "val_fraction": 0.2,
-              "options": {"lr": 3e-3, "backbone": {"growth": [4, 8]}, "num_threads": 1}},
-    "evaluate": {"n_boot": 20},
-}
 
 
 def _params(run_dir, **changes) -> PipelineParams:

@@ -205,7 +205,7 @@ def test_flow_two_ray_workers_with_a_killed_worker_resume_and_finish(
     params = PretrainSorterParams(out=str(out), kind="pairwise", seq_len=12, steps=8,
                                   batch_size=16, workers=2, checkpoint_every=3, eval_every=3,
                                   max_failures=1, storage_path=str(tmp_path / "ray"),
-                                  sizes={"hidden_size": 8}, fail_at_step=5)
+                                  sizes={"hidden_size": 8}, eval_rows=4, fail_at_step=5)
     card = pretrain_sorter_flow(params)
     markers = list((tmp_path / "ray").glob(f"*/{FAIL_MARKER}"))
     assert len(markers) == 1                                   # the worker did fail once ...
@@ -304,10 +304,10 @@ def test_evaluate_surrogate_exact_reference_and_fixed_length_skip():
 
 #: (N, Spearman with exact ranks at least, mean |rank error|/N at most) on tied sequences.
 SHIPPED_TARGETS = {
-    "pairwise": [(32, 0.995, 0.01), (8, 0.99, 0.03), (128, 0.99, 0.01)],
-    "lstm16": [(16, 0.97, 0.04)],
-    "lstm32": [(32, 0.97, 0.03)],
-    "lstm64": [(64, 0.96, 0.03)],
+    "pairwise": [(32, 0.995, 0.01), (8, 0.99, 0.02), (128, 0.99, 0.012)],  # issue 4 targets
+    "lstm16": [(16, 0.97, 0.025)],                # measured: 0.984 / 0.014
+    "lstm32": [(32, 0.97, 0.03)],                 # measured: 0.984 / 0.018
+    "lstm64": [(64, 0.96, 0.035)],                # measured: 0.980 / 0.020
 }
 
 

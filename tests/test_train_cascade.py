@@ -178,6 +178,25 @@ def test_cascade_writes_a_complete_model_folder_and_reuses_it(cache, tmp_path, c
     assert not _staging(model_dir)
 
 
+def test_insample_stage2_ablation_skips_the_folds(cache, tmp_path, caplog):
+    """stage2_source="insample": stage 2 on stage 1's own training estimates, no fold jobs."""
+    model_dir = tmp_path / "insample"
+    with caplog.at_level("INFO", logger="rankcore.train"):
+        res = train_cascade(cache, model_dir, CFG, k_folds=2, val_fraction=0.2,
+                            stage2_source="insample")
+    card = res.card
+    assert set(card["stages"]) == {"stage1", "stage2"} and card["stage2_source"] == "insample"
+    assert not (model_dir / "crossfit").exists()
+    assert card["metrics"]["train_stage1_oof"] is None
+    assert card["metrics"]["val_cascade"] is not None
+    assert any("in-sample stage-1 estimates" in r.getMessage() for r in caplog.records)
+    oof_plan = plan_cascade(cache, tmp_path / "oof", CFG, k_folds=2, val_fraction=0.2)
+    assert card["training_key"] != oof_plan.training_key  # never reused for the other
+    assert oof_plan.jobs == ("fold-0", "fold-1", "stage1", "stage2")
+    with pytest.raises(InputError, match="`stage2_source` must be one of"):
+        plan_cascade(cache, tmp_path / "x", CFG, stage2_source="in-sample")
+
+
 def test_nan_in_a_fold_leaves_model_dir_untouched_and_a_rerun_resumes(
         cache, tmp_path, monkeypatch):
     clean = train_cascade(cache, tmp_path / "clean", CFG, k_folds=2, val_fraction=0.2)

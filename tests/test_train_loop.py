@@ -226,6 +226,17 @@ def test_nan_loss_stops_with_training_error_and_keeps_last_good_checkpoint(cohor
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_nan_validation_predictions_stop_with_training_error(cohort, tmp_path):
+    """Finite training, non-finite validation predictions (a fault in the val data only)."""
+    train, val = cohort
+    out = tmp_path / "s1"
+    with pytest.raises(TrainingError, match=r"validation predictions.*epoch 2") as err:
+        train_stage(1, _cfg(), train, _PoisonedData(val, poison_after=1), out_dir=out)
+    assert "epoch-0000" in str(err.value)  # the last good checkpoint is named
+    assert json.loads((out / "latest.json").read_text())["epoch"] == 0
+    assert not (out / "card.json").exists() and not (out / "model.safetensors").exists()
+
+
 def test_nan_in_first_epoch_leaves_nothing(cohort, tmp_path):
     train, _ = cohort
     with pytest.raises(TrainingError, match="no checkpoint was written"):

@@ -58,3 +58,27 @@ def test_two_workers_resume_after_injected_failure(ray_cluster, tmp_path):
     assert res.card["world_size"] == 2
     assert (tmp_path / "s1" / "model.safetensors").exists()
     assert np.isfinite(res.history[-1]["val_mae"])
+
+
+def test_cache_split_keys_read_only_those_rows_in_order(tmp_path):
+    """CacheSplit(keys=...) names a fold / carved subset: the worker reads those rows only."""
+    from _tiny_cohort import make_cache
+
+    from rankcore.cache import VolumeDataset
+    from rankcore.errors import InputError
+    from rankcore.train.ray_train import CacheSplit
+
+    cache = make_cache(tmp_path, 6)
+    ds = VolumeDataset(cache)
+    keys = (ds.keys[4], ds.keys[1], ds.keys[2])
+    stage1 = {k: 40.0 + i for i, k in enumerate(keys)}
+    data = CacheSplit(str(cache), keys=keys, stage1=stage1).load()
+    assert list(data.participant_ids) == list(keys)
+    np.testing.assert_array_equal(data.ages, [ds.ages[4], ds.ages[1], ds.ages[2]])
+    np.testing.assert_array_equal(data.stage1, [40.0, 41.0, 42.0])
+    got = data.batch(np.arange(3))["image"][:, 0].float().numpy()
+    want = np.stack([np.asarray(ds.volume(i), np.float32) for i in (4, 1, 2)])
+    np.testing.assert_allclose(got, want, atol=1e-3)
+    assert len(CacheSplit(str(cache)).load(preload=False)) == 6  # keys=None: every row
+    with pytest.raises(InputError, match="`keys` must name rows"):
+        CacheSplit(str(cache), keys=("sub-nope",)).load()

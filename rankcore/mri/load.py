@@ -310,13 +310,21 @@ def load_volume(path: str | Path, config: PreprocessConfig,
                                      f"{str(e).strip()})") from None
     voxels = np.frombuffer(raw, dtype=dtype, count=info.n_voxels, offset=info.data_offset)
     voxels = voxels.reshape(info.spatial_shape, order="F")
-    slope = 1.0 if info.scl_slope is None else info.scl_slope
-    inter = 0.0 if info.scl_inter is None else info.scl_inter
-    data = voxels.astype(np.float32, order="F")  # a writeable copy even when already float32
-    del raw, voxels
+    slope = np.float32(1.0 if info.scl_slope is None else info.scl_slope)
+    inter = np.float32(0.0 if info.scl_inter is None else info.scl_inter)
+    if dtype.kind in "biu":
+        # integers are finite and scaling is monotonic: check the stored extremes (half the
+        # bytes of a float32 pass, or less) instead of the scaled volume
+        ends = np.array([voxels.min(), voxels.max()], dtype=np.float32) * slope + inter
+        check_voxels(ends, str(info.path))
+    data = np.empty(info.spatial_shape, dtype=np.float32, order="F")  # writeable, NIfTI order
     if slope != 1.0:
-        data *= np.float32(slope)
+        np.multiply(voxels, slope, out=data, dtype=np.float32, casting="unsafe")
+    else:
+        data[...] = voxels
+    del raw, voxels
     if inter != 0.0:
-        data += np.float32(inter)
-    check_voxels(data, str(info.path))
+        data += inter
+    if dtype.kind not in "biu":
+        check_voxels(data, str(info.path))
     return data, info.affine, info

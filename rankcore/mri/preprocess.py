@@ -24,10 +24,11 @@ The steps, each recorded in words in :attr:`PreprocessedVolume.actions`:
    is mapped to a source voxel position through ``inv(source affine) @ output affine`` and
    sampled trilinearly with edge values beyond the field of view
    (:mod:`rankcore.mri.resample`): as three sparse 1-D maps when that map is axis-aligned
-   (the common case, any orientation: identical to ``scipy.ndimage.affine_transform`` order
-   1 after the Gaussian of step 1, and ~10x faster), else (oblique, rotated grids) point by
-   point, only at the output voxels inside the brain mask. The mask is carried over the
-   same way (0 beyond the field of view, kept where >= 0.5).
+   (the common case, any orientation: ``scipy.ndimage.affine_transform`` order 1 after the
+   Gaussian of step 1 gives the same values, ~20x slower), else (oblique, rotated grids)
+   point by point. The mask is carried over the same way (0 beyond the field of view, kept
+   where >= 0.5). Only the output sub-box that the mask's bounding box (+1 voxel) maps to
+   is computed, and point by point only inside the mask: everything else is 0 after step 5.
 5. Normalise: z-score with the mean and standard deviation inside the mask on the output grid;
    0 outside the mask. float32 throughout (no float64 copy of a volume).
 
@@ -60,6 +61,7 @@ from rankcore.mri.resample import (
     apply_separable,
     axis_permutation,
     interp_matrix,
+    mask_separable,
     sample_affine,
     sample_masked,
 )
@@ -176,8 +178,12 @@ def _raw_to_output(perm: tuple[int, ...]) -> tuple[int, int, int]:
 
 
 def _centre_and_box(mask: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
-    """Mean voxel index (3 floats) and bounding box (first, last index per axis) of a
-    non-empty C-contiguous boolean mask, from its three marginal counts."""
+    """Centre of mass and bounding box of a non-empty C-contiguous boolean mask.
+
+    Returns:
+        (mean voxel index, 3 floats; (first, last) voxel index per axis), both from the
+        mask's three marginal counts.
+    """
     u = mask.view(np.uint8)
     plane = u.sum(axis=0, dtype=np.uint16 if mask.shape[0] < 65_536 else np.uint32)
     marginals = (np.count_nonzero(mask.reshape(mask.shape[0], -1), axis=1),
@@ -222,14 +228,8 @@ def _resample(small: np.ndarray, mask: np.ndarray, m: np.ndarray, shape: tuple[i
             rng[q] = (int(near[0]), int(near[-1]) + 1)
             pos[q] = pos[q][rng[q][0]:rng[q][1]]
         ops = [interp_matrix(pos[q], n[q], sigma=sigmas[q]) for q in range(3)]
-        vals = apply_separable(small, ops)
-        # the mask within its bounding box + 1 voxel (0 beyond it, as it is beyond the box)
-        lo = [max(b[0] - 1, 0) for b in box]
-        hi = [min(b[1] + 2, n[q]) for q, b in enumerate(box)]
-        crop = mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]].view(np.uint8).astype(np.float32)
-        ops = [interp_matrix(pos[q] - lo[q], crop.shape[q], zero_outside=True)
-               for q in range(3)]
-        mask_o = apply_separable(crop, ops) >= 0.5
+        vals = apply_separable(small, ops)  # axes in the order (2, 0, 1)
+        mask_o = np.ascontiguousarray(mask_separable(mask, pos).transpose(2, 0, 1))
         where = tuple(slice(*rng[q]) for q in perm)
         return vals, mask_o, _raw_to_output(perm), where
     # oblique: the output box around the mask's bounding box (+1 voxel) mapped to the output

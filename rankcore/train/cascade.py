@@ -121,13 +121,16 @@ def _build_card(plan: CascadePlan, staging: Path) -> dict[str, Any]:
     stages = {job: stage_summary(stage_dir(plan, job)) for job in plan.jobs}
     train_keys, val_keys = plan.split["train"], plan.split["val"]
     train_ages, val_ages = np.asarray(plan.train_ages), np.asarray(plan.val_ages)
-    oof: dict[str, float] = {}
-    for i in range(plan.k_folds):
-        oof.update(read_predictions(staging / "crossfit" / f"fold-{i}" / HELDOUT_FILE,
-                                    "stage1_oof"))
-    oof_arr = np.array([oof[k] for k in train_keys])
-    write_csv(staging / "crossfit" / OOF_FILE, ["key", "fold", "stage1_oof"],
-              [[k, f, fmt_years(p)] for k, f, p in zip(train_keys, plan.folds, oof_arr)])
+    oof_metrics = None
+    if plan.stage2_source == "oof":
+        oof: dict[str, float] = {}
+        for i in range(plan.k_folds):
+            oof.update(read_predictions(staging / "crossfit" / f"fold-{i}" / HELDOUT_FILE,
+                                        "stage1_oof"))
+        oof_arr = np.array([oof[k] for k in train_keys])
+        write_csv(staging / "crossfit" / OOF_FILE, ["key", "fold", "stage1_oof"],
+                  [[k, f, fmt_years(p)] for k, f, p in zip(train_keys, plan.folds, oof_arr)])
+        oof_metrics = _metrics(oof_arr, train_ages)
     s1 = read_predictions(staging / "stage1" / PREDICTIONS_FILE, "stage1")
     final = read_predictions(staging / "stage2" / PREDICTIONS_FILE, "cascade")
     s1_train = np.array([s1[k] for k in train_keys])
@@ -140,7 +143,7 @@ def _build_card(plan: CascadePlan, staging: Path) -> dict[str, Any]:
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "config": plan.config,
         "stage2_config": plan.stage2_config,
-        "k_folds": plan.k_folds,
+        "k_folds": plan.k_folds, "stage2_source": plan.stage2_source,
         "engine": plan.engine, "workers": plan.workers, "use_gpu": plan.use_gpu,
         "data": {"digest": plan.data_digest, "cache_dir": plan.cache_dir,
                  "preproc_digest": plan.preproc_digest,
@@ -149,7 +152,7 @@ def _build_card(plan: CascadePlan, staging: Path) -> dict[str, Any]:
         "split": dict(plan.split, folds=dict(zip(train_keys, plan.folds))),
         "stages": stages,
         "metrics": {
-            "train_stage1_oof": _metrics(oof_arr, train_ages),
+            "train_stage1_oof": oof_metrics,
             "train_stage1_in_sample": _metrics(s1_train, train_ages),
             "val_stage1": _metrics(s1_val, val_ages),
             "val_cascade": _metrics(cascade_val, val_ages),
@@ -225,7 +228,8 @@ def train_cascade(cache_dir: str | Path, model_dir: str | Path,
                   engine: str = "local", storage_path: str | Path | None = None,
                   k_folds: int = DEFAULT_K_FOLDS, val_fraction: float = DEFAULT_VAL_FRACTION,
                   preprocess: Any = None, stage2: dict[str, Any] | None = None,
-                  progress: Progress | None = None) -> CascadeResult:
+                  progress: Progress | None = None,
+                  stage2_source: str = "oof") -> CascadeResult:
     """Train the cascade on a cache and write MODEL_DIR (see the module docstring).
 
     Idempotent: when MODEL_DIR's card has this run's training key (same configs, folds and
@@ -252,6 +256,8 @@ def train_cascade(cache_dir: str | Path, model_dir: str | Path,
         preprocess: PreprocessConfig selecting the cache folder when there are several.
         stage2: overrides of ``config`` for stage 2.
         progress: called after every epoch of every job (see :data:`Progress`).
+        stage2_source: ``"oof"`` (default, cross-fitting) or ``"insample"`` (stage 2 on the
+            final stage 1's in-sample estimates, no fold jobs: an ablation only).
 
     Returns:
         A :class:`CascadeResult`.
@@ -264,7 +270,7 @@ def train_cascade(cache_dir: str | Path, model_dir: str | Path,
     plan = plan_cascade(cache_dir, model_dir, config, k_folds=k_folds,
                         val_fraction=val_fraction, preprocess=preprocess, engine=engine,
                         workers=workers, use_gpu=use_gpu, storage_path=storage_path,
-                        stage2=stage2)
+                        stage2=stage2, stage2_source=stage2_source)
     if plan.reuse:
         log.info("reusing %s: its card matches this config and data (digest %s)",
                  plan.model_dir, plan.data_digest[:12])

@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_VAL_FRACTION",
     "ENGINES",
     "EXECUTION_KEYS",
+    "STAGE2_SOURCES",
     "CascadePlan",
     "check_model_dir",
     "default_config",
@@ -50,6 +51,8 @@ log = logging.getLogger("rankcore.train.cascade")
 CARD_FORMAT = "brainrank-cascade/1"
 CARD_FILE = "card.json"
 ENGINES = ("local", "ray")
+#: Where stage 2's training inputs come from (see :class:`CascadePlan`).
+STAGE2_SOURCES = ("oof", "insample")
 
 #: Default number of cross-fitting folds on CPU (see :func:`default_config`).
 DEFAULT_K_FOLDS = 3
@@ -110,6 +113,9 @@ class CascadePlan:
         train_ages, val_ages: ages (years) in the order of ``split["train"]`` / ``["val"]``.
         folds: fold of every training subject, in the order of ``split["train"]``.
         reuse: ``model_dir`` already holds this run: nothing to train.
+        stage2_source: ``"oof"`` (default): stage 2 trains on out-of-fold stage-1 estimates
+            (cross-fitting); ``"insample"``: on the final stage 1's in-sample estimates of its
+            own training subjects (no fold jobs; the ablation the cross-fitting answers).
     """
 
     cache_dir: str
@@ -131,13 +137,17 @@ class CascadePlan:
     val_ages: tuple[float, ...]
     folds: tuple[int, ...]
     reuse: bool = False
+    stage2_source: str = "oof"
 
     @property
     def jobs(self) -> tuple[str, ...]:
         """The jobs in order: ``fold-0`` … ``fold-{k-1}``, ``stage1``, ``stage2``.
 
         Every job but ``stage2`` is independent of the others; ``stage2`` needs them all.
+        With ``stage2_source="insample"`` there are no fold jobs.
         """
+        if self.stage2_source == "insample":
+            return ("stage1", "stage2")
         return (*(f"fold-{i}" for i in range(self.k_folds)), "stage1", "stage2")
 
     def train_config(self, job: str) -> TrainConfig:
@@ -181,7 +191,7 @@ def _sha256_file(path: Path) -> str:
 
 
 def training_key(config: TrainConfig, stage2: TrainConfig, k_folds: int, val_fraction: float,
-                 data_digest: str) -> str:
+                 data_digest: str, stage2_source: str = "oof") -> str:
     """sha256 naming a run: configs (minus :data:`EXECUTION_KEYS`), folds, data, sorter bytes."""
 
     def learnable(c: TrainConfig) -> dict[str, Any]:
@@ -194,7 +204,10 @@ def training_key(config: TrainConfig, stage2: TrainConfig, k_folds: int, val_fra
     blob = json.dumps({"format": CARD_FORMAT, "stage1": learnable(config),
                        "stage2": learnable(stage2), "k_folds": k_folds,
                        "val_fraction": float(val_fraction), "data": data_digest,
-                       "sorters": sorters}, sort_keys=True)
+                       "sorters": sorters,
+                       # only when not the default, so that earlier keys stay valid
+                       **({"stage2_source": stage2_source} if stage2_source != "oof" else {})},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
@@ -252,7 +265,8 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
                  k_folds: int = DEFAULT_K_FOLDS, val_fraction: float = DEFAULT_VAL_FRACTION,
                  preprocess: Any = None, engine: str = "local", workers: int = 1,
                  use_gpu: bool = False, storage_path: str | Path | None = None,
-                 stage2: dict[str, Any] | None = None) -> CascadePlan:
+                 stage2: dict[str, Any] | None = None,
+                 stage2_source: str = "oof") -> CascadePlan:
     """Check the inputs of a cascade run and plan it (reads metadata only; writes nothing).
 
     Args:
@@ -271,6 +285,7 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
         use_gpu: train on CUDA (local: device ``"cuda"``; ray: GPU workers).
         storage_path: Ray Train storage root (engine ray), outside ``model_dir``.
         stage2: stage-2 overrides of ``config`` (e.g. ``{"lr": 1e-4}``); None: the same.
+        stage2_source: see :class:`CascadePlan` (``"insample"`` is for ablations only).
 
     Returns:
         The plan (``reuse`` True when ``model_dir`` already holds this run).
@@ -292,6 +307,9 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
                          f"got {engine!r}")
     if not isinstance(use_gpu, bool):
         raise InputError(f"`use_gpu` must be true or false, got {use_gpu!r}")
+    if stage2_source not in STAGE2_SOURCES:
+        raise InputError(f"`stage2_source` must be one of {', '.join(map(repr, STAGE2_SOURCES))}, "
+                         f"got {stage2_source!r}")
     if stage2 is not None and not isinstance(stage2, dict):
         raise InputError(f"`stage2` must be a dict of TrainConfig overrides, got "
                          f"{type(stage2).__name__}")
@@ -333,7 +351,7 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
                          f"batch_size {config.batch_size}: use fewer folds, a smaller batch or "
                          "more subjects")
 
-    key = training_key(config, config2, k_folds, val_fraction, digest)
+    key = training_key(config, config2, k_folds, val_fraction, digest, stage2_source)
     model_dir = Path(model_dir).expanduser().absolute()
     reuse = check_model_dir(model_dir, key, config, k_folds, digest)
     staging = model_dir.parent / f"{model_dir.name}.tmp-{key[:12]}"
@@ -350,4 +368,4 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
         use_gpu=use_gpu, storage_path=None if storage_path is None else str(storage_path),
         data_digest=digest, training_key=key, split=split.to_dict(),
         train_ages=tuple(train_ages.tolist()), val_ages=val_ages,
-        folds=tuple(int(f) for f in folds), reuse=reuse)
+        folds=tuple(int(f) for f in folds), reuse=reuse, stage2_source=stage2_source)

@@ -312,6 +312,13 @@ def _run(stage, config, train, val, objective, device, out_dir, report, world, r
             vpred = predict_sharded(model, val, world, batch_size=config.eval_batch_size,
                                     flip_tta=config.flip_tta,
                                     channels_last=config.channels_last, amp=config.amp)
+            n_bad = int((~np.isfinite(np.asarray(vpred, dtype=np.float64))).sum())
+            if n_bad:
+                kept = (f"the last good checkpoint is {str(last_good)!r}" if last_good
+                        else "no checkpoint was written")
+                raise TrainingError(f"stage {stage}: the validation predictions became NaN or "
+                                    f"inf at epoch {epoch + 1} ({n_bad} of {len(vpred)}); "
+                                    f"{kept}. Lower `lr` or check the validation inputs.")
             metrics.update({f"val_{k}": v for k, v in evaluate(vpred, val.ages).items()})
             score = metrics["val_mae"]
         else:

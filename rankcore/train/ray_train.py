@@ -48,19 +48,29 @@ class CacheSplit:
         split: a split name (or names), or None for every row.
         stage1: stage-1 estimates by subject key (stage 2's input), or None.
         preload: load the volumes into memory once per worker (float16).
+        keys: subject keys to keep, in this order (None: every row of ``split``); only these
+            volumes are read, so a fold or a carved validation set needs no tensors by value.
     """
 
     cache_dir: str
     split: str | tuple[str, ...] | None = None
     stage1: dict[str, float] | None = None
     preload: bool = True
+    keys: tuple[str, ...] | None = None
 
     def load(self, preload: bool | None = None) -> SubjectData:
-        """Open the split (``preload`` overrides the attribute; False reads no volume)."""
+        """Open the split (``preload`` overrides the attribute; False reads no volume).
+
+        Raises:
+            InputError: a key of ``keys`` is not in the split, or ``stage1`` lacks a subject.
+        """
         from rankcore.cache import VolumeDataset
 
         split = list(self.split) if isinstance(self.split, tuple) else self.split
-        data = SubjectData.from_dataset(VolumeDataset(self.cache_dir, split=split),
+        dataset: Any = VolumeDataset(self.cache_dir, split=split)
+        if self.keys is not None:
+            dataset = _KeyedRows(dataset, self.keys)
+        data = SubjectData.from_dataset(dataset,
                                         preload=self.preload if preload is None else preload)
         if self.stage1 is not None:
             missing = [k for k in data.participant_ids if k not in self.stage1]
@@ -69,6 +79,30 @@ class CacheSplit:
                                  f"e.g. {missing[:3]}")
             data = data.with_stage1([self.stage1[k] for k in data.participant_ids])
         return data
+
+
+class _KeyedRows:
+    """The rows of a VolumeDataset named by ``keys``, in that order (reads only those)."""
+
+    def __init__(self, dataset: Any, keys: tuple[str, ...]):
+        where = {k: i for i, k in enumerate(dataset.keys)}
+        missing = [k for k in keys if k not in where]
+        if missing:
+            raise InputError(f"`keys` must name rows of the cache split, got {len(missing)} "
+                             f"unknown key(s), e.g. {missing[:3]}")
+        if len(set(keys)) != len(keys):
+            raise InputError("`keys` must be unique")
+        self._dataset, self._rows = dataset, [where[k] for k in keys]
+        self.keys = list(keys)
+        self.ages = np.asarray(dataset.ages)[self._rows]
+        self.sexes = [dataset.sexes[i] for i in self._rows]
+        self.sites = [dataset.sites[i] for i in self._rows]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def volume(self, i: int) -> Any:
+        return self._dataset.volume(self._rows[i])
 
 
 def _materialise(spec: Any, name: str) -> SubjectData | None:

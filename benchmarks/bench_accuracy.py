@@ -1,0 +1,229 @@
+"""Cascade accuracy on simulated cohorts: loss ablation, stage 1 vs cascade, OOF vs in-sample.
+
+For every cohort seed S (also the training seed) a cohort of ``train + test`` subjects is
+simulated at 2 mm (:func:`rankcore.mri.simulate.simulate_cohort`), ``test`` of them are marked
+``split=test`` (a seeded permutation) and the rest ``train``; the cohort is ingested into a
+Parquet cache (:func:`rankcore.cache.ingest_cohort`). :func:`rankcore.train.train_cascade`
+then carves the validation subjects out of the training pool (``val_fraction`` 0.1) and
+:func:`rankcore.report.evaluate.evaluate_model` scores the held-out test split, stage 1 alone
+and the cascade side by side, against the simulator's irreducible floor (mean |brain age − age|
+over the same test subjects).
+
+Configurations (``--configs``; every one changes :func:`rankcore.train.default_config`):
+
+    mse       MSE only (rank_loss none, diff_weight 0)
+    ld        MSE + rank_weight · diff_weight · Ld (rank_loss none)
+    sorter    + Spearman through the shipped pairwise sorter (rank_loss sorter)
+    soft      + soft Spearman (pav): the default configuration
+    insample  soft, but stage 2 trained on IN-SAMPLE stage-1 estimates (no cross-fitting)
+
+``--set key=value`` changes every configuration further (e.g. ``--set diff_weight=0.1``); the
+runs are named by a digest of their config, so changed settings get their own model folders.
+Everything lives under ``--work`` (default /tmp/bench_accuracy) and is reused across
+invocations: simulation, ingest and finished training runs are idempotent.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_accuracy.py --seeds 0 --configs soft
+    .venv/bin/python benchmarks/bench_accuracy.py --seeds 0,1,2 --jobs 2
+
+Prints one Markdown table: per configuration, stage 1 and cascade rows with MAE, SRCC, Pearson r
+and MAE/floor as mean ± sd over the seeds, and the wall time per run (train + evaluate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONFIGS: dict[str, dict[str, Any]] = {
+    "mse": {"rank_loss": "none", "diff_weight": 0.0},
+    "ld": {"rank_loss": "none"},
+    "sorter": {"rank_loss": "sorter", "sorter": "pairwise"},
+    "soft": {},
+    "insample": {},
+}
+LABELS = {
+    "mse": "(a) MSE only",
+    "ld": "(b) MSE + Ld",
+    "sorter": "(c) + sorter Spearman (pairwise)",
+    "soft": "(d) + soft Spearman (pav, default)",
+    "insample": "(e) default, stage 2 in-sample",
+}
+log = logging.getLogger("bench_accuracy")
+
+
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def prepare(work: Path, seed: int, n_train: int, n_test: int) -> Path:
+    """Simulate, split and ingest the cohort of ``seed``; return the cache root."""
+    from rankcore.cache import ingest_cohort
+    from rankcore.mri import PreprocessConfig, read_cohort
+    from rankcore.mri.simulate import simulate_cohort
+
+    cohort_dir = work / f"cohort-s{seed}-n{n_train + n_test}"
+    simulate_cohort(cohort_dir, n_train + n_test, seed, spacing=2.0)
+    cohort = read_cohort(cohort_dir)
+    keys = sorted(r.key for r in cohort.rows)
+    order = np.random.default_rng(seed).permutation(len(keys))
+    test = {keys[i] for i in order[:n_test]}
+    rows = tuple(dataclasses.replace(r, split="test" if r.key in test else "train")
+                 for r in cohort.rows)
+    cache_dir = work / f"cache-s{seed}-{n_train}+{n_test}"
+    ingest_cohort(dataclasses.replace(cohort, rows=rows), cache_dir, PreprocessConfig(),
+                  workers=1)
+    return cache_dir
+
+
+def run_one(work: str, cache_dir: str, seed: int, name: str, changes: dict[str, Any],
+            k_folds: int) -> dict[str, Any]:
+    """Train one cascade and evaluate it on the test split (runs in a worker process)."""
+    import torch
+
+    torch.set_num_threads(1)
+    from rankcore.report.evaluate import evaluate_model
+    from rankcore.train.cascade import train_cascade
+
+    config = {"seed": seed, **CONFIGS[name], **changes}
+    tag = hashlib.sha256(json.dumps([config, k_folds, name == "insample"],
+                                    sort_keys=True).encode()).hexdigest()[:10]
+    model_dir = Path(work) / "models" / f"s{seed}-{name}-{tag}"
+    report_dir = Path(work) / "reports" / model_dir.name
+    kw: dict[str, Any] = {"k_folds": k_folds}
+    if name == "insample":
+        kw["stage2_source"] = "insample"
+    t0 = time.perf_counter()
+    result = train_cascade(cache_dir, model_dir, config, workers=1, **kw)
+    t_train = time.perf_counter() - t0
+    evaluate_model(model_dir, cache_dir, report_dir, split="test", n_boot=200, seed=seed)
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    seconds = time.perf_counter() - t0
+    floor = (metrics.get("floor") or {}).get("mae")
+    out = {"seed": seed, "name": name, "config": config, "model_dir": str(model_dir),
+           "reused": result.reused, "train_s": t_train, "seconds": seconds, "floor": floor,
+           "card_seconds": result.card.get("seconds")}
+    for stage, block in (("stage1", metrics["stage1"]), ("cascade", metrics)):
+        out[stage] = {m: block.get(m) for m in ("mae", "srcc", "pearson_r")}
+    (report_dir / "bench.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def _ms(values: list[float], digits: int) -> str:
+    v = np.asarray([x for x in values if x is not None], dtype=float)
+    if not len(v):
+        return "n/a"
+    if len(v) == 1:
+        return f"{v[0]:.{digits}f}"
+    return f"{v.mean():.{digits}f} ± {v.std(ddof=1):.{digits}f}"
+
+
+def table(results: list[dict[str, Any]], names: list[str]) -> str:
+    """Markdown table: per configuration and stage, mean ± sd over seeds."""
+    lines = ["| configuration | stage | seeds | MAE (y) | SRCC | Pearson r | MAE/floor | "
+             "wall s/run |", "|---|---|---|---|---|---|---|---|"]
+    for name in names:
+        runs = [r for r in results if r["name"] == name]
+        if not runs:
+            continue
+        seeds = ",".join(str(r["seed"]) for r in sorted(runs, key=lambda r: r["seed"]))
+        for stage in ("stage1", "cascade"):
+            ratio = [r[stage]["mae"] / r["floor"] for r in runs if r["floor"]]
+            wall = _ms([r["seconds"] for r in runs if not r["reused"]], 0) \
+                if stage == "stage1" else ""
+            lines.append(f"| {LABELS[name]} | {stage} | {seeds} | "
+                         f"{_ms([r[stage]['mae'] for r in runs], 2)} | "
+                         f"{_ms([r[stage]['srcc'] for r in runs], 3)} | "
+                         f"{_ms([r[stage]['pearson_r'] for r in runs], 3)} | "
+                         f"{_ms(ratio, 2)} | {wall} |")
+    floors = sorted({round(r["floor"], 3) for r in results if r["floor"]})
+    lines.append("")
+    lines.append(f"floor (mean |brain age − age| over the test subjects): "
+                 f"{', '.join(f'{f:.2f}' for f in floors)} y")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated cohort/training seeds")
+    ap.add_argument("--configs", default=",".join(CONFIGS),
+                    help=f"comma-separated subset of {','.join(CONFIGS)}")
+    ap.add_argument("--train", type=int, default=300, help="training pool (incl. validation)")
+    ap.add_argument("--test", type=int, default=120, help="held-out test subjects")
+    ap.add_argument("--epochs", type=int, default=None, help="epochs per stage (default 15)")
+    ap.add_argument("--k-folds", type=int, default=3)
+    ap.add_argument("--jobs", type=int, default=2, help="parallel training processes")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="TrainConfig change applied to every configuration (JSON values)")
+    ap.add_argument("--work", default="/tmp/bench_accuracy")
+    ap.add_argument("--json", default=None, help="also write the results to this file")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
+    log.setLevel(logging.INFO)
+
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    names = [n for n in args.configs.split(",") if n]
+    unknown = sorted(set(names) - set(CONFIGS))
+    if unknown:
+        ap.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
+    changes: dict[str, Any] = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        changes[key] = _value(value)
+    if args.epochs is not None:
+        changes["epochs"] = args.epochs
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+
+    t0 = time.perf_counter()
+    caches = {}
+    for seed in seeds:
+        ts = time.perf_counter()
+        caches[seed] = prepare(work, seed, args.train, args.test)
+        log.info("seed %d: cohort + cache ready in %.0f s", seed, time.perf_counter() - ts)
+    tasks = [(seed, name) for name in names for seed in seeds]
+    results = []
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=get_context("spawn")) \
+            as pool:
+        futures = {pool.submit(run_one, str(work), str(caches[s]), s, n, changes, args.k_folds):
+                   (s, n) for s, n in tasks}
+        for fut in as_completed(futures):
+            seed, name = futures[fut]
+            try:
+                r = fut.result()
+            except Exception as err:  # report the others
+                log.error("seed %d %s failed: %s: %s", seed, name, type(err).__name__, err)
+                continue
+            results.append(r)
+            log.info("seed %d %-8s %4.0f s  stage1 MAE %.2f SRCC %.3f | cascade MAE %.2f "
+                     "SRCC %.3f | floor %.2f%s", seed, name, r["seconds"], r["stage1"]["mae"],
+                     r["stage1"]["srcc"], r["cascade"]["mae"], r["cascade"]["srcc"],
+                     r["floor"] or float("nan"), " (reused)" if r["reused"] else "")
+    print(f"\n## bench_accuracy: train {args.train} / test {args.test}, "
+          f"changes {json.dumps(changes, sort_keys=True)}, k_folds {args.k_folds}, "
+          f"jobs {args.jobs}, {os.cpu_count()} CPUs\n")
+    print(table(results, names))
+    print(f"\nend to end: {time.perf_counter() - t0:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0 if len(results) == len(tasks) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,194 @@
+"""Deployment files and the code behind them, without servers: deployments/prefect.yaml equals
+the deployments `brainrank serve` builds and its parameters validate; the Ray cluster and
+RayJob files parse and point at an entry point that exists; `brainrank submit` validates a
+job's parameters, finds the cluster's token and builds the job's runtime environment before
+contacting anything; the job entry point refuses what it cannot run.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import get_args
+
+import pytest
+import yaml
+
+from flows import job as job_entry
+from flows.params import JobCommand, PipelineParams, ServeParams, SubmitParams
+from flows.serve import ENTRYPOINTS, build_deployments, deployment_specs
+from flows.submit import auth_headers, job_parameters, resolve_address, runtime_env
+from rankcore.errors import InputError
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOYMENTS = REPO / "deployments"
+
+
+def _yaml(rel: str):
+    return yaml.safe_load((DEPLOYMENTS / rel).read_text())
+
+
+# ---------------------------------------------------------------------------- Prefect
+
+
+def test_prefect_yaml_holds_exactly_the_served_deployments():
+    doc = _yaml("prefect.yaml")
+    got = [(d["entrypoint"], d["name"], [s["cron"] for s in d.get("schedules", [])],
+            d["parameters"], d["description"], d["work_pool"]["name"],
+            d["enforce_parameter_schema"]) for d in doc["deployments"]]
+    want = [(s.entrypoint, s.name, [s.cron] if s.cron else [], {"params": s.params},
+             s.description, "brainrank", True)
+            for s in deployment_specs("/data/brainrank", "/data/cohort")]
+    assert got == want
+    # the pipeline and every stage flow is deployed; the two schedules are nightly and weekly
+    assert {d["entrypoint"] for d in doc["deployments"]} == set(ENTRYPOINTS.values())
+    crons = {d["name"]: d["schedules"][0]["cron"] for d in doc["deployments"]
+             if d.get("schedules")}
+    assert crons == {"nightly-ingest": "0 1 * * *", "weekly": "0 3 * * 0"}
+
+
+def test_every_deployment_names_a_real_flow_and_valid_parameters():
+    import importlib
+
+    for spec in deployment_specs("/data/brainrank", "/data/cohort"):
+        module, name = spec.entrypoint.split(":")
+        flow = getattr(importlib.import_module(module), name)
+        assert flow.name == spec.flow_name
+        spec.validate()  # the flow's pydantic model accepts the parameters
+
+
+def test_serve_builds_the_same_deployments_under_another_root(tmp_path):
+    deployments = build_deployments(ServeParams(root=str(tmp_path)))
+    names = sorted(f"{d.flow_name}/{d.name}" for d in deployments)
+    assert names == sorted(f"{s.command}/{s.name}" for s in deployment_specs(str(tmp_path)))
+    weekly = next(d for d in deployments if d.name == "weekly")
+    assert weekly.parameters == {"params": {"out": f"{tmp_path}/run"}}
+    assert weekly.schedules[0].schedule.cron == "0 3 * * 0"
+    assert weekly.enforce_parameter_schema
+    only = build_deployments(ServeParams(root=str(tmp_path), only=["ingest/adhoc"]))
+    assert [(d.flow_name, d.name) for d in only] == [("ingest", "adhoc")]
+    with pytest.raises(InputError, match="`only` must name deployments"):
+        build_deployments(ServeParams(only=["pipeline/monthly"]))
+
+
+def test_python_m_deployments_serve_runs_from_the_repository_root():
+    out = subprocess.run([sys.executable, "-m", "deployments.serve", "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "--root" in out.stdout and "--only" in out.stdout
+
+
+# -------------------------------------------------------------------------------- Ray
+
+
+def test_ray_cluster_config_has_a_cpu_head_and_gpu_workers():
+    cfg = _yaml("ray/cluster.yaml")
+    types = cfg["available_node_types"]
+    head = types[cfg["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0 and head["resources"]["CPU"] > 0
+    gpu = [t for name, t in types.items() if name != cfg["head_node_type"]]
+    assert gpu and all(t["resources"]["GPU"] >= 1 and t["min_workers"] == 0 for t in gpu)
+    assert cfg["max_workers"] >= max(t["max_workers"] for t in gpu)
+    assert cfg["file_mounts"]["/home/ubuntu/brainrank"] == "."  # this repository
+    starts = " ".join(cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"])
+    assert starts.count("RAY_AUTH_MODE=token") == 2
+    assert "--dashboard-host=127.0.0.1" in starts
+
+
+def test_rayjob_entrypoint_exists_and_its_parameters_validate():
+    job = _yaml("ray/rayjob.yaml")
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    python, dash_m, module, command = job["spec"]["entrypoint"].split()
+    assert (python, dash_m, module) == ("python", "-m", "flows.job")
+    assert (REPO / (module.replace(".", "/") + ".py")).is_file()
+    assert command in get_args(JobCommand)
+    env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"]
+    params = PipelineParams.model_validate_json(env[job_entry.PARAMS_ENV])
+    assert params.train.engine == "ray" and params.train.gpu
+    assert params.train.batch_size % params.train.workers == 0
+    spec = job["spec"]["rayClusterSpec"]
+    assert spec["rayVersion"] == "2.60.0"
+    assert all("nvidia.com/gpu" in c["resources"]["limits"] for g in spec["workerGroupSpecs"]
+               for c in g["template"]["spec"]["containers"])
+
+
+def test_shipped_configs_validate():
+    demo = PipelineParams.model_validate({"out": "runs/demo", **_yaml("configs/demo.yaml")})
+    assert demo.cohort is None and demo.simulate.corrupt > 0
+    full = PipelineParams.model_validate(_yaml("configs/full.yaml"))
+    assert full.cohort and full.train.gpu and full.train.engine == "ray"
+    assert full.train.batch_size % full.train.workers == 0
+
+
+# ------------------------------------------------------------------------------ submit
+
+
+def test_submit_validates_the_job_parameters_before_contacting_anything(tmp_path):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(yaml.safe_dump({"spacing": 6, "shape": [16, 20, 16],
+                                   "train": {"epochs": 1}}))
+    params = job_parameters("pipeline", str(cfg), ["--out", "/shared/run", "--until", "ingest"])
+    assert PipelineParams.model_validate(params).until == "ingest"
+    assert params["out"] == "/shared/run" and params["shape"] == [16, 20, 16]
+    stage = job_parameters("train", None, ["/shared/cache", "--out", "/shared/m",
+                                           "--engine", "ray"])
+    assert (stage["cache"], stage["engine"]) == ("/shared/cache", "ray")
+    with pytest.raises(InputError, match="epochs"):
+        job_parameters("train", None, ["c", "--out", "m", "--epochs", "0"])
+    with pytest.raises(InputError, match="must be options of `brainrank pipeline`"):
+        job_parameters("pipeline", None, ["--out", "r", "--no-such-option"])
+
+
+def test_submit_cli_parses_job_args_env_and_pip():
+    p = SubmitParams(job_args="--out '/a b/run' --until ingest", env=["A=1", "B=x=y"],
+                     pip=["nilearn"])
+    assert p.job_args == ["--out", "/a b/run", "--until", "ingest"]
+    assert p.env == {"A": "1", "B": "x=y"}
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        SubmitParams(env=["novalue"])
+
+
+def test_runtime_env_uploads_the_sources_with_the_parameters(tmp_path):
+    params = SubmitParams(working_dir=str(REPO), env={"PREFECT_API_URL": "http://h/api"},
+                          pip=["scipy"])
+    env = runtime_env(params, {"out": "r"})
+    assert env["working_dir"] == str(REPO) and ".venv" in env["excludes"]
+    assert json.loads(env["env_vars"][job_entry.PARAMS_ENV]) == {"out": "r"}
+    assert env["env_vars"]["PREFECT_API_URL"] == "http://h/api" and env["pip"] == ["scipy"]
+    with pytest.raises(InputError, match="brainrank source folder"):
+        runtime_env(SubmitParams(working_dir=str(tmp_path)), {})
+
+
+def test_submit_finds_the_address_and_the_token(monkeypatch, tmp_path):
+    for var in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
+                "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    assert resolve_address("http://head:8265/") == "http://head:8265"
+    monkeypatch.setenv("RAY_ADDRESS", "http://h2:8265")
+    assert resolve_address(None) == "http://h2:8265"
+    with pytest.raises(InputError, match="http"):
+        resolve_address("head:6379")
+
+    assert auth_headers() == {}  # no token mode, no token file: nothing sent
+    token = tmp_path / "token"
+    token.write_text("s3cret\n")
+    assert auth_headers(str(token)) == {"Authorization": "Bearer s3cret"}
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    with pytest.raises(InputError, match="RAY_AUTH_MODE=token but no token"):
+        auth_headers()  # HOME is the session's empty home: no ~/.ray/auth_token
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(token))
+    assert auth_headers() == {"Authorization": "Bearer s3cret"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "env-token")
+    assert auth_headers() == {"Authorization": "Bearer env-token"}
+
+
+def test_job_entry_point_refuses_what_it_cannot_run(monkeypatch, capsys):
+    monkeypatch.delenv(job_entry.PARAMS_ENV, raising=False)
+    assert job_entry.main(["serve"]) == 2
+    assert job_entry.main(["pipeline"]) == 2
+    assert f"${job_entry.PARAMS_ENV} is not set" in capsys.readouterr().err
+    monkeypatch.setenv(job_entry.PARAMS_ENV, json.dumps({"cohort": "x"}))
+    assert job_entry.main(["pipeline"]) == 2
+    assert "`out` is required" in capsys.readouterr().err
