@@ -134,7 +134,7 @@ def main() -> None:
         for n in SUITE_LENGTHS]
     grad_rows = rows("grad_cosine",
                      lambda m, t, f, a: f"{_fmt(a[m], 3)} ({_fmt(a['grad_norm'], 3)})")
-    grad_rows.append(["*finite-difference noise ceiling*", *ceiling])
+    grad_rows.append(["*two independent FD estimates (noise; ≈ ceiling²)*", *ceiling])
     print(_table(f"Gradient agreement: cosine with the smoothed exact gradient (σ = {FD_SCALE} "
                  f"std, predictions = targets + {NOISE} std noise) — (‖∇‖·std)", header,
                  grad_rows))

@@ -184,7 +184,7 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
 
 
 def _add_submit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stage", nargs="?", default=S, metavar="COMMAND",
+    p.add_argument("stage", nargs="?", default=None, metavar="COMMAND",
                    choices=["pipeline", "simulate", "ingest", "pretrain-sorter", "train",
                             "evaluate", "predict"],
                    help="the brainrank command the job runs (pipeline)")
@@ -207,6 +207,8 @@ def _add_submit(p: argparse.ArgumentParser) -> None:
     p.add_argument("--submission-id", default=S, help="the job's id (default: Ray picks one)")
     p.add_argument("--num-cpus", type=float, default=S, help="CPUs reserved for the driver")
     p.add_argument("--num-gpus", type=float, default=S, help="GPUs reserved for the driver")
+    p.add_argument("--python", default=S, metavar="EXE",
+                   help="the Python that runs the job on the cluster (python)")
     p.add_argument("--token-file", default=S, metavar="FILE",
                    help="the cluster's auth token (RAY_AUTH_MODE=token clusters; default "
                         "$RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")

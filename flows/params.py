@@ -396,7 +396,8 @@ class SubmitParams(_Params):
     PREFECT_API_URL) extend the job's runtime environment. ``wait`` streams the job's logs
     until it ends (``timeout`` s at most) and exits non-zero unless it SUCCEEDED.
     ``num_cpus`` / ``num_gpus`` reserve resources for the job's driver. ``token_file``: the
-    cluster's token when it runs with RAY_AUTH_MODE=token (see flows/submit.py).
+    cluster's token when it runs with RAY_AUTH_MODE=token (see flows/submit.py). ``python``:
+    the interpreter that runs the job on the cluster (default: `python` on the nodes' PATH).
     """
 
     address: str | None = None
@@ -412,6 +413,7 @@ class SubmitParams(_Params):
     num_cpus: float | None = Field(None, ge=0)
     num_gpus: float | None = Field(None, ge=0)
     token_file: str | None = None
+    python: str = Field("python", min_length=1)
 
     @field_validator("job_args", mode="before")
     @classmethod

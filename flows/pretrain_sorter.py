@@ -15,17 +15,23 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows.params import PretrainSorterParams
+from rankcore.train.sorter_config import SorterTrainConfig
 from tasks.sorter import pretrain_sorter_task
 
 
 def sorter_config(params: PretrainSorterParams) -> dict[str, Any]:
-    """The ``SorterTrainConfig`` dict of ``params`` (validated by the task's launcher)."""
-    return {"kind": params.kind, "seq_len": [params.seq_len], "sizes": dict(params.sizes),
-            "steps": params.steps, "batch_size": params.batch_size, "lr": params.lr,
-            "loss": params.loss, "target_strength": params.target_strength,
-            "seed": params.seed, "eval_every": params.eval_every, "eval_rows": params.eval_rows,
-            "checkpoint_every": params.checkpoint_every,
-            "device": "cuda" if params.gpu else "cpu"}
+    """The validated ``SorterTrainConfig`` of ``params``, as a dict.
+
+    Raises:
+        InputError: a value the pydantic model cannot check (unknown kind or size, ...).
+    """
+    config = {"kind": params.kind, "seq_len": [params.seq_len], "sizes": dict(params.sizes),
+              "steps": params.steps, "batch_size": params.batch_size, "lr": params.lr,
+              "loss": params.loss, "target_strength": params.target_strength,
+              "seed": params.seed, "eval_every": params.eval_every,
+              "eval_rows": params.eval_rows, "checkpoint_every": params.checkpoint_every,
+              "device": "cuda" if params.gpu else "cpu"}
+    return SorterTrainConfig.from_dict(config).to_dict()
 
 
 def _engine(params: PretrainSorterParams) -> str:
@@ -47,10 +53,11 @@ def _table(card: dict[str, Any]) -> str:
 def pretrain_sorter_flow(params: PretrainSorterParams) -> dict[str, Any]:
     """Pretrain the sorter ``params`` describe into ``params.out``; return its card."""
     logger = get_run_logger()
+    config = sorter_config(params)
     engine = _engine(params)
     logger.info("pretraining a %r sorter (seq_len %d, %d steps) on engine %s with %d worker(s)",
                 params.kind, params.seq_len, params.steps, engine, params.workers)
-    card = pretrain_sorter_task(params.out, sorter_config(params), engine=engine,
+    card = pretrain_sorter_task(params.out, config, engine=engine,
                                 workers=params.workers, gpu=params.gpu,
                                 storage_path=params.storage_path,
                                 ray_address=params.ray_address,
@@ -64,6 +71,7 @@ def pretrain_sorter_flow(params: PretrainSorterParams) -> dict[str, Any]:
 
 
 def run_cli(params: PretrainSorterParams) -> int:
+    sorter_config(params)  # refuse unusable input before a flow run starts
     card = pretrain_sorter_flow(params)
     main = card.get("validation", {}).get(f"N{params.seq_len}", {})
     print(f"sorter: {params.out} (kind {card['kind']}, {card['steps']} steps; at N={params.seq_len}"

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -176,7 +177,8 @@ def submit(params: SubmitParams, out: TextIO = sys.stdout) -> int:
         raise InputError(f"`address` {address!r}: no Ray job server answers there ({exc})"
                          ) from None
     job_id = client.submit_job(
-        entrypoint=f"python -m flows.job {params.stage}", runtime_env=env,
+        entrypoint=f"{shlex.quote(params.python)} -m flows.job {params.stage}",
+        runtime_env=env,
         submission_id=params.submission_id, entrypoint_num_cpus=params.num_cpus,
         entrypoint_num_gpus=params.num_gpus,
         metadata={"brainrank_command": params.stage})

@@ -14,7 +14,8 @@ from typing import Any
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from rankcore.train.sorter import finished_sorter, pretrain_sorter_local
+from rankcore.train.sorter import pretrain_sorter_local
+from rankcore.train.sorter_state import finished_sorter
 
 
 @task(name="pretrain-sorter", retries=0, cache_policy=NO_CACHE)

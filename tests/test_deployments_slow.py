@@ -63,9 +63,9 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> N
 
 
 def _stop_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
-    """SIGTERM the process group ``proc`` leads, then SIGKILL what is left of it."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
+    """SIGTERM the leader (`ray start --block`, the Prefect server and worker stop their
+    children), then SIGKILL whatever is left of its process group."""
+    proc.terminate()
     try:
         proc.wait(grace)
     except subprocess.TimeoutExpired:
@@ -82,15 +82,21 @@ def _service(args: list[str], env: dict[str, str], log: Path, url: str,
         proc = subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
     try:
+        t0 = time.monotonic()
         _wait_http(url, proc, log, timeout)
+        print(f"{Path(args[0]).name} {args[1]} ready in {time.monotonic() - t0:.1f} s")
         yield proc
     finally:
+        t0 = time.monotonic()
         _stop_group(proc)
+        print(f"{Path(args[0]).name} {args[1]} stopped in {time.monotonic() - t0:.1f} s")
 
 
 def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+    t0 = time.monotonic()
     out = subprocess.run(args, env=env, cwd=REPO, capture_output=True, text=True,
                          timeout=timeout, stdin=subprocess.DEVNULL)
+    print(f"{' '.join(Path(a).name for a in args[:3])}: {time.monotonic() - t0:.1f} s")
     assert out.returncode == 0, f"{args[:4]}: {out.returncode}\n{out.stdout[-4000:]}\n" \
                                 f"{out.stderr[-4000:]}"
     return out
@@ -113,15 +119,15 @@ def prefect_api(tmp_path_factory) -> Iterator[dict[str, str]]:
 
 def test_prefect_yaml_deploys_and_a_process_worker_runs_the_pipeline(prefect_api, tmp_path):
     env, prefect = prefect_api, str(BIN / "prefect")
-    _run([prefect, "work-pool", "create", "brainrank", "--type", "process"], env, 120)
-    out = _run([prefect, "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
-               env, 240)
-    assert "pipeline/weekly" in out.stdout and "predict/adhoc" in out.stdout
-
     run_dir = tmp_path / "run"
-    worker = [prefect, "worker", "start", "--pool", "brainrank", "--limit", "1"]
+    # The worker creates the process work pool (with its job template); deploy once it exists.
+    worker = [prefect, "worker", "start", "--pool", "brainrank", "--type", "process",
+              "--limit", "1"]
     with _service(worker, env, tmp_path / "worker.log",
-                  f"{env['PREFECT_API_URL']}/health"):
+                  f"{env['PREFECT_API_URL']}/work_pools/brainrank"):
+        out = _run([prefect, "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
+                   env, 240)
+        assert "pipeline/weekly" in out.stdout and "predict/adhoc" in out.stdout
         params = json.dumps({"params": {**TINY, "out": str(run_dir)}})
         out = _run([prefect, "deployment", "run", "pipeline/adhoc", "--params", params,
                     "--watch", "--watch-timeout", "300"], env, 360)
@@ -140,7 +146,9 @@ def ray_head(tmp_path) -> Iterator[tuple[str, dict[str, str]]]:
     (job server address, env). Stopped by signalling its process group (never `ray stop`)."""
     temp = Path(tempfile.mkdtemp(prefix="brr-", dir="/tmp"))  # unix socket paths stay short
     dashboard = _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # PATH as in an activated environment: a job's `python` is the one that runs the cluster
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("RAY_ADDRESS", None)
     args = [str(BIN / "ray"), "start", "--head", "--block", "--disable-usage-stats",
             "--node-ip-address", "127.0.0.1", "--port", str(_free_port()),
@@ -161,10 +169,10 @@ def ray_head(tmp_path) -> Iterator[tuple[str, dict[str, str]]]:
 
 
 def _manifest_with_split(root: Path) -> tuple[Path, int]:
-    """A tiny simulated cohort as a manifest whose `split` column marks 4 subjects test."""
+    """A tiny simulated cohort as a manifest whose `split` column marks 3 subjects test."""
     from rankcore.mri.simulate import simulate_cohort
 
-    cohort = simulate_cohort(root / "cohort", subjects=14, seed=5, spacing=4.0, sites=2)
+    cohort = simulate_cohort(root / "cohort", subjects=16, seed=5, spacing=4.0, sites=2)
     with open(cohort / "participants.tsv", newline="") as fh:
         rows = list(csv.DictReader(fh, delimiter="\t"))
     manifest = root / "manifest.csv"
@@ -174,8 +182,8 @@ def _manifest_with_split(root: Path) -> tuple[Path, int]:
         for i, r in enumerate(rows):
             image = next((cohort / r["participant_id"] / "anat").glob("*_T1w.nii*"))
             w.writerow([r["participant_id"], image.relative_to(root), r["age"], r["sex"],
-                        r["site"], "test" if i % 4 == 1 else "train"])
-    return manifest, sum(i % 4 == 1 for i in range(len(rows)))
+                        r["site"], "test" if i % 5 == 1 else "train"])
+    return manifest, sum(i % 5 == 1 for i in range(len(rows)))
 
 
 def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, prefect_api, tmp_path):

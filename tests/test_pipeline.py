@@ -70,12 +70,12 @@ def test_cold_run_writes_every_stage_and_evaluates_only_held_out_subjects(cold):
 def test_a_corrupted_file_is_quarantined_and_the_run_succeeds(cold):
     _, result = cold
     ingest = result["stages"]["ingest"]["summary"]
-    assert ingest["n_quarantined"] == 1 and ingest["total"] == 15
+    assert ingest["n_quarantined"] == 1 and ingest["total"] == 17
     rows = pq.read_table(ingest["quarantine_path"]).to_pylist()
     assert [r["participant_id"] for r in rows] == ["sub-broken01"]
     assert rows[0]["category"] == "unreadable"
     assert result["stages"]["ingest"]["summary"]["pipeline_failed_fraction"] == \
-        pytest.approx(1 / 15)
+        pytest.approx(1 / 17)
 
 
 def test_warm_rerun_from_the_command_line_reuses_every_stage(cold, tmp_path, capsys):

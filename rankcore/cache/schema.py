@@ -10,6 +10,7 @@ page, straight out of a memory-mapped file, and turned into an array with ``np.f
 from __future__ import annotations
 
 import functools
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from importlib import metadata
@@ -107,6 +108,32 @@ class SourceStat:
     mtime_ns: int
 
 
+#: torch converts float32 -> float16 in chunks of at most this many values: below its
+#: parallel grain size (32768) a conversion never wakes torch's thread pool.
+_TORCH_CHUNK = 32_768
+
+
+def _to_float16(arr: np.ndarray) -> np.ndarray:
+    """float32 -> float16, rounding to nearest even: ``arr.astype(np.float16)``, bit for bit
+    for every non-NaN value.
+
+    numpy casts one value at a time (~2.5 ns each: ~1.5-3 ms for an 80x96x80 volume); torch's
+    vectorised cast takes ~0.1 ms. torch is only used when this process has already imported
+    it (ingest workers do not import it for this), on a little-endian machine.
+    """
+    torch = sys.modules.get("torch")
+    if torch is None or sys.byteorder != "little" or arr.size < _TORCH_CHUNK:
+        return arr.astype(np.float16)
+    flat = np.ascontiguousarray(arr, dtype=np.float32).reshape(-1)
+    if not flat.flags.writeable:  # torch.from_numpy wants a writeable array
+        flat = flat.copy()
+    src = torch.from_numpy(flat)
+    out = torch.empty(src.shape, dtype=torch.float16)
+    for i in range(0, src.numel(), _TORCH_CHUNK):
+        out[i:i + _TORCH_CHUNK].copy_(src[i:i + _TORCH_CHUNK])
+    return out.numpy().reshape(arr.shape)
+
+
 def encode_volume(data: np.ndarray, dtype: str) -> bytes:
     """Cast a volume to the storage ``dtype`` and return its C-order little-endian bytes.
 
@@ -114,12 +141,13 @@ def encode_volume(data: np.ndarray, dtype: str) -> bytes:
     near it) so that a stored volume is always finite when its input was.
     """
     arr = np.asarray(data, dtype=np.float32)
+    if dtype != "float16":
+        return np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
     # Clipping is rare, so test for it first (min/max cost far less than a clip copy);
     # written so that a NaN (comparisons False) also takes the clipping path.
-    if dtype == "float16" and arr.size and not (
-            -_FLOAT16_MAX <= arr.min() and arr.max() <= _FLOAT16_MAX):
+    if arr.size and not (-_FLOAT16_MAX <= arr.min() and arr.max() <= _FLOAT16_MAX):
         arr = np.clip(arr, -_FLOAT16_MAX, _FLOAT16_MAX)
-    return np.ascontiguousarray(arr, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+    return np.ascontiguousarray(_to_float16(arr), dtype=np.dtype("<f2")).tobytes()
 
 
 def decode_volume(buf: Any, shape: Sequence[int], dtype: str) -> np.ndarray:

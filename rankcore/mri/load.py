@@ -312,11 +312,15 @@ def load_volume(path: str | Path, config: PreprocessConfig,
     voxels = voxels.reshape(info.spatial_shape, order="F")
     slope = np.float32(1.0 if info.scl_slope is None else info.scl_slope)
     inter = np.float32(0.0 if info.scl_inter is None else info.scl_inter)
+    checked = False
     if dtype.kind in "biu":
-        # integers are finite and scaling is monotonic: check the stored extremes (half the
-        # bytes of a float32 pass, or less) instead of the scaled volume
+        # integers are finite and scaling is monotonic: the scaled extremes tell whether the
+        # volume is finite and constant, from a pass over the stored bytes (half a float32
+        # pass or less) instead of the scaled volume
         ends = np.array([voxels.min(), voxels.max()], dtype=np.float32) * slope + inter
-        check_voxels(ends, str(info.path))
+        if np.isfinite(ends).all():
+            check_voxels(ends, str(info.path))
+            checked = True
     data = np.empty(info.spatial_shape, dtype=np.float32, order="F")  # writeable, NIfTI order
     if slope != 1.0:
         np.multiply(voxels, slope, out=data, dtype=np.float32, casting="unsafe")
@@ -325,6 +329,6 @@ def load_volume(path: str | Path, config: PreprocessConfig,
     del raw, voxels
     if inter != 0.0:
         data += inter
-    if dtype.kind not in "biu":
+    if not checked:
         check_voxels(data, str(info.path))
     return data, info.affine, info

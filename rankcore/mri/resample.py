@@ -237,13 +237,15 @@ def mask_separable(mask: np.ndarray, pos: list[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _chunks(n: tuple[int, ...], m: np.ndarray, box: tuple[slice, ...], chunk: int):
+def _chunks(n: tuple[int, ...], m: np.ndarray, box: tuple[slice, ...], chunk: int,
+            need_inside: bool = True):
     """Corner indices and weights of the output sub-box ``box``, a few slabs at a time.
 
     Yields ``(i0, base, fracs, inside)`` for output slabs ``i0 ..`` of the box: ``base``
     (flat index of each point's lower corner in a C-ordered source of shape ``n``, clamped
     so that all 8 corners exist), ``fracs`` (the three blend weights, float32) and
-    ``inside`` (the point lies within the source, 1e-6 voxel tolerance).
+    ``inside`` (the point lies within the source, 1e-6 voxel tolerance; None unless
+    ``need_inside``).
     """
     size = tuple(b.stop - b.start for b in box)
     strides = (n[1] * n[2], n[2], 1)
@@ -256,11 +258,12 @@ def _chunks(n: tuple[int, ...], m: np.ndarray, box: tuple[slice, ...], chunk: in
         i = np.arange(box[0].start + i0, box[0].start + min(i0 + slabs, size[0]),
                       dtype=np.float32)[:, None, None]
         base = np.zeros((i.shape[0], *size[1:]), dtype=np.intp)
-        inside = np.ones(base.shape, dtype=bool)
+        inside = np.ones(base.shape, dtype=bool) if need_inside else None
         fracs = []
         for q in range(3):
             c = planes[q] + mm[q, 0] * i
-            inside &= (c >= -_EDGE_TOL) & (c <= n[q] - 1 + _EDGE_TOL)
+            if inside is not None:
+                inside &= (c >= -_EDGE_TOL) & (c <= n[q] - 1 + _EDGE_TOL)
             np.clip(c, 0, n[q] - 1, out=c)
             lo = np.floor(c)
             if n[q] > 1:
@@ -309,7 +312,8 @@ def sample_affine(sources: list[tuple[np.ndarray, bool]], m: np.ndarray,
     flats = [np.ravel(np.ascontiguousarray(a, dtype=np.float32)) for a, _ in sources]
     steps = _steps(n)
     outs = [np.empty(size, dtype=np.float32) for _ in sources]
-    for i0, base, fracs, inside in _chunks(n, m, box, chunk):
+    need_inside = any(z for _, z in sources)
+    for i0, base, fracs, inside in _chunks(n, m, box, chunk, need_inside):
         for (_, zero_outside), flat, out in zip(sources, flats, outs):
             v = _blend8(flat, base, steps, fracs)
             if zero_outside:
@@ -342,7 +346,13 @@ def sample_masked(image: np.ndarray, mask: np.ndarray, m: np.ndarray,
     mask_u8 = np.ravel(np.ascontiguousarray(mask).view(np.uint8))
     values = np.zeros(size, dtype=np.float32)
     mask_o = np.empty(size, dtype=bool)
-    for i0, base, fracs, inside in _chunks(n, m, box, chunk):
+    # A point beyond the source is clamped onto an edge cell; when the mask keeps two voxels
+    # away from every edge, such a cell has no mask corner, so no inside test is needed.
+    edges = np.concatenate([mask[:2].ravel(), mask[-2:].ravel(), mask[:, :2].ravel(),
+                            mask[:, -2:].ravel(), mask[:, :, :2].ravel(),
+                            mask[:, :, -2:].ravel()])
+    need_inside = bool(edges.any()) or min(n) < 4
+    for i0, base, fracs, inside in _chunks(n, m, box, chunk, need_inside):
         count = np.take(corners, base)
         keep = count == full
         mixed = np.flatnonzero((count > 0) & ~keep)
@@ -350,7 +360,8 @@ def sample_masked(image: np.ndarray, mask: np.ndarray, m: np.ndarray,
             b = base.reshape(-1)[mixed]
             v = _blend8(mask_u8, b, steps, [f.reshape(-1)[mixed] for f in fracs])
             keep.reshape(-1)[mixed] = v >= 0.5
-        keep &= inside
+        if inside is not None:
+            keep &= inside
         mask_o[i0:i0 + keep.shape[0]] = keep
         dst = values[i0:i0 + keep.shape[0]]
         dst[keep] = _blend8(flat, base[keep], steps, [f[keep] for f in fracs])

@@ -9,6 +9,7 @@ A sorter maps scores (..., N) to predicted ranks (..., N) in SoDeep's convention
 - :class:`SequenceSampler`, :func:`fixed_eval_set` — synthetic sequences with ties and
   tie-aware targets.
 - :func:`save_sorter`, :func:`load_sorter` — safetensors weights + JSON card, no pickle.
+- :func:`list_pretrained`, :func:`load_pretrained` — the sorters shipped in the package.
 """
 
 from rankcore.sorters.base import CONVENTION, Sorter, normalize_sequences
@@ -16,6 +17,7 @@ from rankcore.sorters.checkpoint import load_sorter, save_sorter
 from rankcore.sorters.evalset import EvalBatch, fixed_eval_set
 from rankcore.sorters.registry import SORTER_KINDS, build_sorter, sorter_sizes
 from rankcore.sorters.sampler import FAMILIES, SequenceSampler
+from rankcore.sorters.shipped import list_pretrained, load_pretrained, pretrained_path
 
 __all__ = [
     "CONVENTION",
@@ -26,8 +28,11 @@ __all__ = [
     "Sorter",
     "build_sorter",
     "fixed_eval_set",
+    "list_pretrained",
+    "load_pretrained",
     "load_sorter",
     "normalize_sequences",
+    "pretrained_path",
     "save_sorter",
     "sorter_sizes",
 ]

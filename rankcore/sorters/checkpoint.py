@@ -72,6 +72,7 @@ def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a sorter file is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -217,12 +217,12 @@ def gradient_agreement(surrogate: Surrogate, y: torch.Tensor, *, noise: float = 
         return empty, empty
     target = get_tiedrank(y.double()[keep], dim=-1)
     dtype, device = _param_spec(surrogate)
-    pv = p.to(device=device, dtype=dtype).requires_grad_(True)
+    pv = p.to(device=device, dtype=dtype, copy=True).requires_grad_(True)
     with torch.enable_grad():
         ranks = surrogate.ranks(pv).double()
         loss = (ranks - target.to(ranks.device)).square().mean(dim=-1).sum()
         (grad,) = torch.autograd.grad(loss, pv)
-    grad = grad.double().cpu()
+    grad = grad.detach().double().cpu()
     g_fd = fd_gradient(p, target, fd_scale=fd_scale, samples=samples, generator=gen)
     return _cosine(grad, g_fd), grad.norm(dim=-1) * p.std(dim=-1)
 

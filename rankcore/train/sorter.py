@@ -40,16 +40,14 @@ from rankcore.sorters import (
     Sorter,
     build_sorter,
     fixed_eval_set,
-    load_sorter,
     normalize_sequences,
-    save_sorter,
 )
 from rankcore.sorters.evaluation import evaluate_surrogate, sorter_surrogate, summarize
 from rankcore.train.sorter_config import SorterTrainConfig
-from rankcore.train.sorter_state import SORTER_FILE, latest_state, read_state, write_state
+from rankcore.train.sorter_state import latest_state, read_state, write_sorter_file, write_state
 
-__all__ = ["VAL_SEED", "SorterTrainResult", "finished_sorter", "pretrain_sorter_local",
-           "ray_worker_loop", "smoothed_target", "train_sorter", "write_sorter_file"]
+__all__ = ["VAL_SEED", "SorterTrainResult", "pretrain_sorter_local", "ray_worker_loop",
+           "smoothed_target", "train_sorter"]
 
 logger = logging.getLogger(__name__)
 
@@ -349,47 +347,6 @@ def ray_worker_loop(cfg: dict[str, Any]) -> None:
                      world=world, report=report)
     finally:
         shutil.rmtree(local, ignore_errors=True)
-
-
-def write_sorter_file(out: str | Path, checkpoint: str | Path,
-                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Copy the finished sorter of a checkpoint folder to ``out`` (.safetensors + .json).
-
-    Args:
-        out: destination sorter file.
-        checkpoint: a checkpoint folder whose card says ``complete``.
-        extra: card fields to add (engine, run name, ...).
-
-    Returns:
-        The card written.
-
-    Raises:
-        TrainingError: the checkpoint is not a finished run.
-    """
-    sorter = load_sorter(Path(checkpoint) / SORTER_FILE)
-    card = dict(sorter.card or {})
-    if not card.get("complete"):
-        raise TrainingError(f"checkpoint {str(checkpoint)!r} is not a finished run")
-    return save_sorter(out, sorter, {**card, **(extra or {})})
-
-
-def finished_sorter(out: str | Path, config: SorterTrainConfig | dict[str, Any]
-                    ) -> dict[str, Any] | None:
-    """The card of ``out`` when it is a finished sorter of ``config`` (same digest), else None.
-
-    Lets a rerun with the same configuration reuse the file instead of training again.
-    """
-    config = SorterTrainConfig.from_dict(config)
-    p = Path(out)
-    if not p.is_file():
-        return None
-    try:
-        card = load_sorter(p).card or {}
-    except InputError:
-        return None
-    if card.get("complete") and card.get("config_digest") == config.digest():
-        return card
-    return None
 
 
 def pretrain_sorter_local(config: SorterTrainConfig | dict[str, Any], out: str | Path, *,

@@ -26,8 +26,9 @@ from typing import Any
 import torch
 
 from rankcore.errors import InputError, TrainingError
-from rankcore.train.sorter import ray_worker_loop, write_sorter_file
+from rankcore.train.sorter import ray_worker_loop
 from rankcore.train.sorter_config import SorterTrainConfig
+from rankcore.train.sorter_state import write_sorter_file
 
 __all__ = ["FAIL_MARKER", "default_run_name", "train_sorter_ray"]
 

@@ -11,6 +11,9 @@ Layout of ``checkpoint_dir``::
 A folder is written under a temporary name and renamed when complete, so a folder named
 ``step-*`` is always whole; the newest ``keep`` are kept. A folder is exactly what a Ray Train
 checkpoint holds, so the in-process loop and the Ray workers share this code.
+
+The finished run's sorter is copied out as one sorter file (:func:`write_sorter_file`), and a
+rerun of the same configuration finds it again (:func:`finished_sorter`).
 """
 
 from __future__ import annotations
@@ -25,10 +28,12 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from rankcore.errors import CheckpointError
+from rankcore.errors import CheckpointError, InputError, TrainingError
 from rankcore.sorters import Sorter, load_sorter, save_sorter
+from rankcore.train.sorter_config import SorterTrainConfig
 
-__all__ = ["SORTER_FILE", "latest_state", "read_state", "write_state"]
+__all__ = ["SORTER_FILE", "finished_sorter", "latest_state", "read_state", "write_sorter_file",
+           "write_state"]
 
 SORTER_FILE = "sorter.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -128,3 +133,44 @@ def read_state(folder: str | Path, map_location: str | torch.device = "cpu"
         raise CheckpointError(f"checkpoint {str(p)!r} is unreadable: {err}") from None
     sorter = load_sorter(p / SORTER_FILE, map_location=map_location).train()
     return sorter, _optimizer_join(tensors, state.pop("optimizer")), state
+
+
+def write_sorter_file(out: str | Path, checkpoint: str | Path,
+                      extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Copy the finished sorter of a checkpoint folder to ``out`` (.safetensors + .json).
+
+    Args:
+        out: destination sorter file.
+        checkpoint: a checkpoint folder whose card says ``complete``.
+        extra: card fields to add (engine, run name, ...).
+
+    Returns:
+        The card written.
+
+    Raises:
+        TrainingError: the checkpoint is not a finished run.
+    """
+    sorter = load_sorter(Path(checkpoint) / SORTER_FILE)
+    card = dict(sorter.card or {})
+    if not card.get("complete"):
+        raise TrainingError(f"checkpoint {str(checkpoint)!r} is not a finished run")
+    return save_sorter(out, sorter, {**card, **(extra or {})})
+
+
+def finished_sorter(out: str | Path, config: SorterTrainConfig | dict[str, Any]
+                    ) -> dict[str, Any] | None:
+    """The card of ``out`` when it is a finished sorter of ``config`` (same digest), else None.
+
+    Lets a rerun with the same configuration reuse the file instead of training again.
+    """
+    config = SorterTrainConfig.from_dict(config)
+    p = Path(out)
+    if not p.is_file():
+        return None
+    try:
+        card = load_sorter(p).card or {}
+    except InputError:
+        return None
+    if card.get("complete") and card.get("config_digest") == config.digest():
+        return card
+    return None
