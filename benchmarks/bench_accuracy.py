@@ -92,6 +92,16 @@ def prepare(work: Path, seed: int, n_train: int, n_test: int) -> Path:
     return cache_dir
 
 
+def _run_paths(work: str | Path, seed: int, name: str, changes: dict[str, Any],
+               k_folds: int) -> tuple[dict[str, Any], Path, Path]:
+    """(config, model folder, report folder) of one run; the folders are named by the config."""
+    config = {"seed": seed, **CONFIGS[name], **changes}
+    tag = hashlib.sha256(json.dumps([config, k_folds, name == "insample"],
+                                    sort_keys=True).encode()).hexdigest()[:10]
+    model_dir = Path(work) / "models" / f"s{seed}-{name}-{tag}"
+    return config, model_dir, Path(work) / "reports" / model_dir.name
+
+
 def run_one(work: str, cache_dir: str, seed: int, name: str, changes: dict[str, Any],
             k_folds: int) -> dict[str, Any]:
     """Train one cascade and evaluate it on the test split (runs in a worker process)."""
@@ -101,11 +111,7 @@ def run_one(work: str, cache_dir: str, seed: int, name: str, changes: dict[str, 
     from rankcore.report.evaluate import evaluate_model
     from rankcore.train.cascade import train_cascade
 
-    config = {"seed": seed, **CONFIGS[name], **changes}
-    tag = hashlib.sha256(json.dumps([config, k_folds, name == "insample"],
-                                    sort_keys=True).encode()).hexdigest()[:10]
-    model_dir = Path(work) / "models" / f"s{seed}-{name}-{tag}"
-    report_dir = Path(work) / "reports" / model_dir.name
+    config, model_dir, report_dir = _run_paths(work, seed, name, changes, k_folds)
     kw: dict[str, Any] = {"k_folds": k_folds}
     if name == "insample":
         kw["stage2_source"] = "insample"
@@ -173,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="TrainConfig change applied to every configuration (JSON values)")
     ap.add_argument("--work", default="/tmp/bench_accuracy")
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--collect", action="store_true",
+                    help="train nothing: tabulate the finished runs found under --work")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     log.setLevel(logging.INFO)
@@ -192,6 +200,19 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
+    if args.collect:
+        found = []
+        for seed in seeds:
+            for name in names:
+                bench = _run_paths(work, seed, name, changes, args.k_folds)[2] / "bench.json"
+                if bench.is_file():
+                    found.append(json.loads(bench.read_text()))
+                else:
+                    log.info("seed %d %s: not run yet", seed, name)
+        print(f"\n## bench_accuracy (collected): train {args.train} / test {args.test}, "
+              f"changes {json.dumps(changes, sort_keys=True)}, k_folds {args.k_folds}\n")
+        print(table(found, names))
+        return 0
     caches = {}
     for seed in seeds:
         ts = time.perf_counter()

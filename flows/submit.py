@@ -121,6 +121,27 @@ def job_parameters(command: str, config: str | None, args: list[str]) -> dict[st
     return _config.build_params(model, given, config).model_dump(mode="json")
 
 
+#: Parameters naming files or folders the job reads or writes.
+PATH_KEYS = ("out", "out_dir", "cohort", "cache", "model_dir", "sorter", "bias_file",
+             "storage_path")
+
+
+def check_cluster_paths(job_params: dict[str, Any]) -> None:
+    """Refuse relative paths: a job runs in a temporary copy of the working directory, so a
+    relative ``out`` would vanish with it. Paths must be absolute (shared storage).
+
+    Raises:
+        InputError: naming the first relative path.
+    """
+    for key in PATH_KEYS:
+        value = job_params.get(key)
+        if key == "sorter" and value is not None and "/" not in value:
+            continue  # a shipped sorter's name
+        if isinstance(value, str) and not value.startswith("/") and "://" not in value:
+            raise InputError(f"`{key}` must be an absolute path (on storage the cluster's nodes "
+                             f"share) when submitting a job, got {value!r}")
+
+
 def runtime_env(params: SubmitParams, job_params: dict[str, Any]) -> dict[str, Any]:
     """The job's runtime environment: working_dir, excludes, env_vars (and pip)."""
     working_dir = Path(params.working_dir).expanduser().absolute()
@@ -167,6 +188,7 @@ def submit(params: SubmitParams, out: TextIO = sys.stdout) -> int:
     """
     address = resolve_address(params.address)
     job_params = job_parameters(params.stage, params.job_config, list(params.job_args))
+    check_cluster_paths(job_params)
     env = runtime_env(params, job_params)
     headers = auth_headers(params.token_file)
     from ray.job_submission import JobSubmissionClient

@@ -19,7 +19,13 @@ import yaml
 from flows import job as job_entry
 from flows.params import JobCommand, PipelineParams, ServeParams, SubmitParams
 from flows.serve import ENTRYPOINTS, build_deployments, deployment_specs
-from flows.submit import auth_headers, job_parameters, resolve_address, runtime_env
+from flows.submit import (
+    auth_headers,
+    check_cluster_paths,
+    job_parameters,
+    resolve_address,
+    runtime_env,
+)
 from rankcore.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -139,6 +145,15 @@ def test_submit_validates_the_job_parameters_before_contacting_anything(tmp_path
         job_parameters("train", None, ["c", "--out", "m", "--epochs", "0"])
     with pytest.raises(InputError, match="must be options of `brainrank pipeline`"):
         job_parameters("pipeline", None, ["--out", "r", "--no-such-option"])
+
+
+def test_submit_refuses_relative_paths_that_would_vanish_with_the_job():
+    check_cluster_paths({"out": "/shared/run", "cohort": "s3://bucket/cohort.csv",
+                         "sorter": "pairwise"})
+    with pytest.raises(InputError, match="`out` must be an absolute path"):
+        check_cluster_paths({"out": "runs/demo"})
+    with pytest.raises(InputError, match="`sorter` must be an absolute path"):
+        check_cluster_paths({"out": "/r", "sorter": "my/sorter.safetensors"})
 
 
 def test_submit_cli_parses_job_args_env_and_pip():

@@ -3,6 +3,7 @@
 - a `prefect server start` on 127.0.0.1 with its own PREFECT_HOME; `prefect deploy` of
   deployments/prefect.yaml; a process worker; `prefect deployment run pipeline/adhoc --watch`
   of the tiny configuration; the run's files;
+- `brainrank serve` of two deployments, one of them run through the API;
 - a `ray start --head --block` on 127.0.0.1 (token auth off) with its own ports and temp dir;
   `brainrank submit --wait` of the tiny pipeline on a manifest with a `split` column, whose
   ingest runs as Ray tasks on that cluster and whose flow runs report to the Prefect server
@@ -138,6 +139,25 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_the_pipeline(prefect_api
     assert (run_dir / "report" / "report.html").is_file()
     assert (run_dir / "model" / "card.json").is_file()
     assert json.loads((run_dir / "report" / "metrics.json").read_text())["n"] >= 2
+
+
+def test_brainrank_serve_runs_a_served_deployment(prefect_api, tmp_path):
+    env, root = prefect_api, tmp_path / "scheduled"
+    serve = [str(BIN / "brainrank"), "serve", "--root", str(root), "--only", "simulate/adhoc",
+             "pipeline/weekly"]
+    with _service(serve, env, tmp_path / "serve.log",
+                  f"{env['PREFECT_API_URL']}/deployments/name/simulate/adhoc"):
+        params = json.dumps({"params": {"out_dir": str(root / "sim"), "subjects": 2,
+                                        "spacing": 4.0}})
+        out = _run([str(BIN / "prefect"), "deployment", "run", "simulate/adhoc", "--params",
+                    params, "--watch", "--watch-timeout", "200"], env, 240)
+    assert "Completed" in out.stdout, out.stdout[-3000:]
+    assert len(list((root / "sim").glob("sub-*/anat/*_T1w.nii*"))) == 2
+    with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/deployments/name/pipeline/weekly",
+                                timeout=10) as r:
+        weekly = json.loads(r.read())
+    assert weekly["parameters"] == {"params": {"out": f"{root}/run"}}
+    assert [s["schedule"]["cron"] for s in weekly["schedules"]] == ["0 3 * * 0"]
 
 
 @pytest.fixture

@@ -118,6 +118,24 @@ def test_changing_one_stage_reruns_it_and_the_later_stages_only(cold):
     assert metrics["training_key"] == card["training_key"]
 
 
+def test_a_pretrained_sorter_is_trained_once_and_feeds_the_cascade(cold):
+    run_dir, _ = cold
+    sorter = {"source": "pretrain", "pretrain": {
+        "kind": "pairwise", "steps": 20, "seq_len": 4, "batch_size": 8, "eval_every": 10,
+        "checkpoint_every": 10}}
+    result = pipeline_flow(_params(run_dir, sorter=sorter))
+    assert _statuses(result) == {"simulate": "reused", "ingest": "reused", "sorter": "ran",
+                                 "train": "ran", "evaluate": "ran"}
+    sorter_file = run_dir / "sorter.safetensors"
+    assert result["stages"]["sorter"]["outputs"]["sorter"] == str(sorter_file)
+    card = json.loads((run_dir / "model" / "card.json").read_text())
+    assert card["config"]["rank_loss"] == "sorter" and card["config"]["sorter"] == \
+        str(sorter_file)
+    again = pipeline_flow(_params(run_dir, sorter=sorter))
+    assert _statuses(again) == {"simulate": "reused", "ingest": "reused", "sorter": "reused",
+                                "train": "reused", "evaluate": "reused"}
+
+
 def test_too_much_quarantine_stops_with_exit_code_3(cold, tmp_path, capsys):
     run_dir, _ = cold
     config = tmp_path / "tiny.json"
