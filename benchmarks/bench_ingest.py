@@ -22,9 +22,9 @@ Per-subject times divide by the number of subject rows (valid and quarantined).
 from __future__ import annotations
 
 import argparse
-import os
 import dataclasses
 import json
+import os
 import platform
 import resource
 import subprocess
