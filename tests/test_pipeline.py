@@ -121,8 +121,8 @@ def test_changing_one_stage_reruns_it_and_the_later_stages_only(cold):
 def test_a_pretrained_sorter_is_trained_once_and_feeds_the_cascade(cold):
     run_dir, _ = cold
     sorter = {"source": "pretrain", "pretrain": {
-        "kind": "pairwise", "steps": 20, "seq_len": 4, "batch_size": 8, "eval_every": 10,
-        "checkpoint_every": 10}}
+        "kind": "pairwise", "steps": 20, "seq_len": 4, "batch_size": 8, "eval_every": 1000,
+        "checkpoint_every": 20, "eval_rows": 2}}
     result = pipeline_flow(_params(run_dir, sorter=sorter))
     assert _statuses(result) == {"simulate": "reused", "ingest": "reused", "sorter": "ran",
                                  "train": "ran", "evaluate": "ran"}

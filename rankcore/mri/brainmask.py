@@ -20,6 +20,10 @@ Two kinds of input, told apart from a strided sample of about 32k voxels:
   encloses (background pockets not connected to the volume's border), all at the voxel
   level. For a whole-head image this is the head, or the brain when the dark skull
   separates it from the scalp; the log line says such an image did not look skull-stripped.
+
+Known limitation: a whole-head image whose background is exactly 0 (masked by the scanner or
+the converter) and whose dark skull gap lies above 5 % of the range passes the skull-stripped
+test, so the whole head is taken as the brain (``brain_volume_ml`` ~2x too large).
 """
 
 from __future__ import annotations

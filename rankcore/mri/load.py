@@ -279,13 +279,48 @@ def _read_bytes(path: Path, need: int) -> bytes:
     return raw
 
 
+#: Voxels scaled per step in float64: an 8 MiB temporary (cache-sized: ~3x faster than
+#: one pass over a whole 182x218x182 volume); at least one slab along the last axis.
+_SCALE_CHUNK = 2**20
+
+
+def _scaled(values: np.ndarray, slope: float, inter: float) -> np.ndarray:
+    """``values * slope + inter`` in float64, rounded once to float32 (inf on overflow)."""
+    with np.errstate(over="ignore"):
+        return (np.asarray(values, dtype=np.float64) * slope + inter).astype(np.float32)
+
+
+def _scale_into(data: np.ndarray, voxels: np.ndarray, slope: float, inter: float) -> None:
+    """``data[...] = float32(voxels * slope + inter)``, computed in float64 slab by slab.
+
+    Args:
+        data: Fortran-ordered float32 output (n0, n1, n2).
+        voxels: Fortran-ordered stored values of the same shape, any real dtype.
+        slope: scaling slope; inter: scaling intercept (as float64).
+    """
+    n0, n1, n2 = data.shape
+    step = max(1, _SCALE_CHUNK // max(1, n0 * n1))  # slabs along the slowest (last) axis
+    buf = np.empty((n0, n1, min(step, n2)), dtype=np.float64, order="F")
+    with np.errstate(over="ignore"):
+        for k0 in range(0, n2, step):
+            k1 = min(k0 + step, n2)
+            tmp = buf[:, :, : k1 - k0]
+            np.multiply(voxels[:, :, k0:k1], slope, out=tmp, dtype=np.float64,
+                        casting="unsafe")
+            if inter != 0.0:
+                tmp += inter
+            data[:, :, k0:k1] = tmp
+
+
 def load_volume(path: str | Path, config: PreprocessConfig,
                 ) -> tuple[np.ndarray, np.ndarray, HeaderInfo]:
     """Check the header, then read the voxels as float32 with ``scl_slope``/``scl_inter`` applied.
 
     The voxels are decoded straight from the file's bytes (``np.frombuffer``, one zlib pass
-    for .nii.gz), as ``nibabel``'s ``get_fdata`` would, but scaled in float32: the result
-    is Fortran-ordered (NIfTI's voxel order) and writeable.
+    for .nii.gz), as ``nibabel``'s ``get_fdata(dtype=np.float32)`` would: ``raw * slope +
+    inter`` is computed in float64 and rounded once to float32 (a few slabs at a time, so the
+    float64 temporary stays at ~8 MiB). The result is Fortran-ordered (NIfTI's voxel
+    order) and writeable.
 
     Args:
         path: .nii or .nii.gz file.
@@ -310,25 +345,23 @@ def load_volume(path: str | Path, config: PreprocessConfig,
                                      f"{str(e).strip()})") from None
     voxels = np.frombuffer(raw, dtype=dtype, count=info.n_voxels, offset=info.data_offset)
     voxels = voxels.reshape(info.spatial_shape, order="F")
-    slope = np.float32(1.0 if info.scl_slope is None else info.scl_slope)
-    inter = np.float32(0.0 if info.scl_inter is None else info.scl_inter)
+    slope = 1.0 if info.scl_slope is None else info.scl_slope
+    inter = 0.0 if info.scl_inter is None else info.scl_inter
     checked = False
     if dtype.kind in "biu":
-        # integers are finite and scaling is monotonic: the scaled extremes tell whether the
-        # volume is finite and constant, from a pass over the stored bytes (half a float32
-        # pass or less) instead of the scaled volume
-        ends = np.array([voxels.min(), voxels.max()], dtype=np.float32) * slope + inter
+        # integers are finite and scaling (and rounding to float32) is monotonic: the scaled
+        # extremes tell whether the volume is finite and constant, from a pass over the stored
+        # bytes (half a float32 pass or less) instead of the scaled volume
+        ends = _scaled(np.array([voxels.min(), voxels.max()]), slope, inter)
         if np.isfinite(ends).all():
             check_voxels(ends, str(info.path))
             checked = True
     data = np.empty(info.spatial_shape, dtype=np.float32, order="F")  # writeable, NIfTI order
-    if slope != 1.0:
-        np.multiply(voxels, slope, out=data, dtype=np.float32, casting="unsafe")
-    else:
+    if slope == 1.0 and inter == 0.0:
         data[...] = voxels
+    else:
+        _scale_into(data, voxels, slope, inter)
     del raw, voxels
-    if inter != 0.0:
-        data += inter
     if not checked:
         check_voxels(data, str(info.path))
     return data, info.affine, info

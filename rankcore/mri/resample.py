@@ -190,7 +190,9 @@ def mask_separable(mask: np.ndarray, pos: list[np.ndarray]) -> np.ndarray:
     Equal to ``apply_separable`` of the mask as float32 with ``interp_matrix(..,
     zero_outside=True)`` operators, then ``>= 0.5``, at a fraction of the cost: a cell whose
     corners all agree needs no blending, so a per-cell corner count is looked up along each
-    axis and only the thin shell of mixed cells at the mask's boundary is blended.
+    axis and only the thin shell of mixed cells at the mask's boundary is blended. A mixed
+    cell is blended as the sparse products do it (the same float32 weights, the same sums in
+    the same axis order), so that exact ties (value 0.5) fall on the same side.
 
     Args:
         mask: boolean array (n0, n1, n2).
@@ -206,7 +208,7 @@ def mask_separable(mask: np.ndarray, pos: list[np.ndarray]) -> np.ndarray:
         c = np.clip(p, 0.0, n[q] - 1.0)
         lo = np.minimum(np.floor(c).astype(np.intp), max(n[q] - 2, 0))
         lows.append(lo)
-        fracs.append((c - lo).astype(np.float32))
+        fracs.append(c - lo)  # float64; interp_matrix's weights are float32(1 - f), float32(f)
         beyond.append((p < -_EDGE_TOL) | (p > n[q] - 1 + _EDGE_TOL))
     # only the source cells the output reads: the box of their lower corners (+1)
     first = [int(lo.min()) for lo in lows]
@@ -227,7 +229,12 @@ def mask_separable(mask: np.ndarray, pos: list[np.ndarray]) -> np.ndarray:
         idx = [mixed // (o1 * o2), (mixed // o2) % o1, mixed % o2]
         base = sum((lows[q][idx[q]] - first[q]) * strides[q] for q in range(3))
         steps = [strides[q] if m[q] > 1 else 0 for q in range(3)]
-        v = _blend8(flat, base, steps, [fracs[q][idx[q]] for q in range(3)])
+        f = [fracs[q][idx[q]] for q in range(3)]
+        weights = [((1.0 - fq).astype(np.float32), fq.astype(np.float32)) for fq in f]
+        # apply_separable's order: axis 1 first when it shrinks the data more, then 0, then 2
+        n0 = last[0] - first[0]
+        order = (1, 0, 2) if len(pos[1]) * n0 < len(pos[0]) * n[1] else (0, 1, 2)
+        v = _weighted8(flat, base, steps, weights, order)
         out.reshape(-1)[mixed] = v >= 0.5
     for q in range(3):
         if beyond[q].any():
@@ -330,7 +337,9 @@ def sample_masked(image: np.ndarray, mask: np.ndarray, m: np.ndarray,
     The mask is interpolated trilinearly (0 beyond the source) and kept where >= 0.5; the
     image (edge values beyond the source) only inside that output mask, 0 elsewhere. Points
     whose 8 mask corners agree (all but a thin shell at the boundary) take the mask value
-    without blending: a per-cell count of mask corners is looked up instead.
+    without blending: a per-cell count of mask corners is looked up instead. The mixed points
+    are blended in float64 (from the float32 positions), so that an exact tie (value 0.5) is
+    kept, as ``map_coordinates`` in float64 keeps it, instead of rounding to either side.
 
     Returns:
         (float32 image values, boolean mask), both of ``shape`` (or the sub-box's shape).
@@ -358,7 +367,8 @@ def sample_masked(image: np.ndarray, mask: np.ndarray, m: np.ndarray,
         mixed = np.flatnonzero((count > 0) & ~keep)
         if mixed.size:
             b = base.reshape(-1)[mixed]
-            v = _blend8(mask_u8, b, steps, [f.reshape(-1)[mixed] for f in fracs])
+            v = _blend8(mask_u8, b, steps, [f.reshape(-1)[mixed].astype(np.float64)
+                                            for f in fracs], dtype=np.float64)
             keep.reshape(-1)[mixed] = v >= 0.5
         if inside is not None:
             keep &= inside
@@ -369,18 +379,19 @@ def sample_masked(image: np.ndarray, mask: np.ndarray, m: np.ndarray,
 
 
 def _blend8(flat: np.ndarray, base: np.ndarray, steps: list[int],
-            fracs: list[np.ndarray]) -> np.ndarray:
+            fracs: list[np.ndarray], dtype: type = np.float32) -> np.ndarray:
     """Trilinear blend of the 8 corners ``flat[base + offset]`` with weights ``fracs``.
 
     ``flat`` is float32, or any real type (e.g. a uint8 mask) whose gathered corners are
-    converted; the result is float32.
+    converted; the result (and the arithmetic) is ``dtype``, float32 unless asked for
+    float64 (``fracs`` then float64 too).
     """
     idx = np.empty_like(base)
 
     def corner(off: int) -> np.ndarray:
         np.add(base, off, out=idx)
         v = np.take(flat, idx)
-        return v if v.dtype == np.float32 else v.astype(np.float32)
+        return v if v.dtype == dtype else v.astype(dtype)
 
     def blend(v: np.ndarray, w: np.ndarray, f: np.ndarray) -> np.ndarray:
         w -= v  # v + f * (w - v), in place
@@ -395,3 +406,25 @@ def _blend8(flat: np.ndarray, base: np.ndarray, steps: list[int],
         return blend(along_z(off), along_z(off + steps[1]), fracs[1])
 
     return blend(along_yz(0), along_yz(steps[0]), fracs[0])
+
+
+def _weighted8(flat: np.ndarray, base: np.ndarray, steps: list[int],
+               weights: list[tuple[np.ndarray, np.ndarray]],
+               order: tuple[int, int, int]) -> np.ndarray:
+    """The 8 corners ``flat[base + offset]`` summed as ``apply_separable`` sums them.
+
+    Along each axis (in ``order``) a pair of values becomes ``w0 * lower + w1 * upper`` in
+    float32, with ``weights[q] = (w0, w1)`` (float32, one pair per point): the rounding of
+    the sparse products, step for step.
+
+    Returns:
+        float32 values, one per point of ``base``.
+    """
+    offs = [0]
+    for q in order:  # corner offsets, the first axis of ``order`` the fastest-varying
+        offs = [o + s for s in (0, steps[q]) for o in offs]
+    vals = [np.take(flat, base + off).astype(np.float32) for off in offs]
+    for q in order:
+        w0, w1 = weights[q]
+        vals = [w0 * lower + w1 * upper for lower, upper in zip(vals[0::2], vals[1::2])]
+    return vals[0]
