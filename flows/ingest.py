@@ -9,11 +9,8 @@ its batch finishes, so an interrupted run keeps its finished batches.
 
 from __future__ import annotations
 
-import contextlib
-import logging
 import sys
 import time
-from collections.abc import Iterator
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -24,6 +21,7 @@ from prefect.utilities.annotations import quote
 from flows.params import IngestParams
 from rankcore.cache import CacheLayout, IngestPlan, cache_lock, commit_batch
 from rankcore.mri import PreprocessConfig
+from tasks._logs import forward_logs
 from tasks.ingest import (
     finalize_ingest_task,
     ingest_batch_task,
@@ -33,31 +31,6 @@ from tasks.ingest import (
 )
 
 BATCH_SIZE = 16
-
-
-class _ToRunLogger(logging.Handler):
-    """Forward rankcore's per-subject log records to the flow run's logger."""
-
-    def __init__(self, target: logging.LoggerAdapter):
-        super().__init__(logging.INFO)
-        self.target = target
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.target.log(record.levelno, record.getMessage())
-
-
-@contextlib.contextmanager
-def _forward_cache_logs(target: logging.LoggerAdapter) -> Iterator[None]:
-    source = logging.getLogger("rankcore.cache")
-    handler, old = _ToRunLogger(target), (source.level, source.propagate)
-    source.addHandler(handler)
-    source.setLevel(logging.INFO)
-    source.propagate = False  # the run logger prints to the console already
-    try:
-        yield
-    finally:
-        source.removeHandler(handler)
-        source.level, source.propagate = old
 
 
 def _run_local(plan: IngestPlan, workers: int) -> None:
@@ -90,7 +63,7 @@ def ingest_flow(params: IngestParams) -> dict:
     logger.info("cohort %s: %d image row(s), %d row(s) set aside while reading the table",
                 params.cohort, len(cohort.rows), len(cohort.quarantine))
     with cache_lock(CacheLayout.for_config(params.cache, config)), \
-            _forward_cache_logs(logger):
+            forward_logs(logger, ("rankcore.cache",)):
         plan = plan_ingest_task(quote(cohort), params.cache, config, BATCH_SIZE)
         logger.info("cache %s: %d reused, %d to process in %d batch(es) on engine %s",
                     plan.layout.folder, len(plan.reused), plan.n_todo, len(plan.batches),

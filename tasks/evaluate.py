@@ -7,47 +7,23 @@ again.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from rankcore.report.evaluate import evaluate_model
+from tasks._logs import forward_logs as _forward_logs
 
 #: rankcore loggers whose records reach the run's log.
 LOGGERS = ("rankcore.report", "rankcore.inference", "rankcore.cache")
 
 
-class _ToRunLogger(logging.Handler):
-    def __init__(self, target: logging.LoggerAdapter):
-        super().__init__(logging.INFO)
-        self.target = target
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.target.log(record.levelno, record.getMessage())
-
-
-@contextlib.contextmanager
-def forward_logs(target: logging.LoggerAdapter, names: Sequence[str] = LOGGERS
-                 ) -> Iterator[None]:
+def forward_logs(target: logging.LoggerAdapter, names: Sequence[str] = LOGGERS):
     """Send the records of the ``names`` loggers (INFO and up) to a Prefect run logger."""
-    handler = _ToRunLogger(target)
-    saved = []
-    for name in names:
-        source = logging.getLogger(name)
-        saved.append((source, source.level, source.propagate))
-        source.addHandler(handler)
-        source.setLevel(logging.INFO)
-        source.propagate = False  # the run logger prints to the console already
-    try:
-        yield
-    finally:
-        for source, level, propagate in saved:
-            source.removeHandler(handler)
-            source.level, source.propagate = level, propagate
+    return _forward_logs(target, names)
 
 
 @task(name="evaluate-model", retries=0, cache_policy=NO_CACHE)

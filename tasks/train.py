@@ -9,9 +9,7 @@ inside the task; no prefect-ray), and the flow releases it with :func:`release_r
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Iterator
 from typing import Any
 from uuid import UUID
 
@@ -22,6 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from rankcore.errors import BrainrankError
 from rankcore.train.cascade import finish_cascade, run_job
 from rankcore.train.cascade_plan import CascadePlan, plan_cascade
+from tasks._logs import forward_logs as _forward_logs
 
 #: The logger whose records (per-epoch lines with loss parts and val MAE / SRCC) are forwarded.
 TRAIN_LOGGER = "rankcore.train"
@@ -29,33 +28,9 @@ TRAIN_LOGGER = "rankcore.train"
 _ray_started = False
 
 
-class ToRunLogger(logging.Handler):
-    """Forward rankcore's log records to a Prefect run logger (flow or task)."""
-
-    def __init__(self, target: logging.LoggerAdapter):
-        super().__init__(logging.INFO)
-        self.target = target
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.target.log(record.levelno, record.getMessage())
-
-
-@contextlib.contextmanager
-def forward_logs(target: logging.LoggerAdapter) -> Iterator[None]:
+def forward_logs(target: logging.LoggerAdapter):
     """Send ``rankcore.train`` records to ``target`` (unless this process forwards them already)."""
-    source = logging.getLogger(TRAIN_LOGGER)
-    if any(isinstance(h, ToRunLogger) for h in source.handlers):
-        yield
-        return
-    handler, old = ToRunLogger(target), (source.level, source.propagate)
-    source.addHandler(handler)
-    source.setLevel(logging.INFO)
-    source.propagate = False  # the run logger prints to the console already
-    try:
-        yield
-    finally:
-        source.removeHandler(handler)
-        source.level, source.propagate = old
+    return _forward_logs(target, (TRAIN_LOGGER,))
 
 
 def _retry_unless_our_error(task, task_run, state) -> bool:

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -47,7 +47,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> None:
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float,
+               accept: Callable[[bytes], bool] = lambda body: True) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -55,7 +56,7 @@ def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float) -> N
                         f"{log.read_text()[-3000:]}")
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
+                if r.status == 200 and accept(r.read()):
                     return
         except OSError:
             pass
@@ -78,13 +79,14 @@ def _stop_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
 
 @contextlib.contextmanager
 def _service(args: list[str], env: dict[str, str], log: Path, url: str,
-             timeout: float = 150.0) -> Iterator[subprocess.Popen]:
+             timeout: float = 150.0, accept: Callable[[bytes], bool] = lambda body: True
+             ) -> Iterator[subprocess.Popen]:
     with open(log, "w") as fh:
         proc = subprocess.Popen(args, env=env, stdout=fh, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, start_new_session=True, cwd=REPO)
     try:
         t0 = time.monotonic()
-        _wait_http(url, proc, log, timeout)
+        _wait_http(url, proc, log, timeout, accept)
         print(f"{Path(args[0]).name} {args[1]} ready in {time.monotonic() - t0:.1f} s")
         yield proc
     finally:
@@ -145,8 +147,11 @@ def test_brainrank_serve_runs_a_served_deployment(prefect_api, tmp_path):
     env, root = prefect_api, tmp_path / "scheduled"
     serve = [str(BIN / "brainrank"), "serve", "--root", str(root), "--only", "simulate/adhoc",
              "pipeline/weekly"]
+    # ready once the deployment is the served one (prefect.yaml's, deployed by the test above,
+    # names a work pool; a served deployment has none)
     with _service(serve, env, tmp_path / "serve.log",
-                  f"{env['PREFECT_API_URL']}/deployments/name/simulate/adhoc"):
+                  f"{env['PREFECT_API_URL']}/deployments/name/simulate/adhoc",
+                  accept=lambda body: json.loads(body)["work_pool_name"] is None):
         params = json.dumps({"params": {"out_dir": str(root / "sim"), "subjects": 2,
                                         "spacing": 4.0}})
         out = _run([str(BIN / "prefect"), "deployment", "run", "simulate/adhoc", "--params",
