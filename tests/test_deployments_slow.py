@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -105,6 +106,28 @@ def _run(args: list[str], env: dict[str, str], timeout: float) -> subprocess.Com
     return out
 
 
+def _api(method: str, url: str, body: dict | None = None, tries: int = 6) -> bytes:
+    """One call to the Prefect REST API, retried on 503 (SQLite busy on a loaded machine)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    for attempt in range(tries):
+        try:
+            with urllib.request.urlopen(request, timeout=20) as r:
+                return r.read()
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or attempt == tries - 1:
+                raise
+            time.sleep(1.0 + attempt)
+    raise AssertionError("unreachable")
+
+
+def _delete_deployments(api: str) -> None:
+    """Delete every deployment of the server (so the next test deploys its own)."""
+    for d in json.loads(_api("POST", f"{api}/deployments/filter", {})):
+        _api("DELETE", f"{api}/deployments/{d['id']}")
+
+
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory) -> Iterator[dict[str, str]]:
     """A real Prefect server (subprocess) with its own PREFECT_HOME; yields the client env."""
@@ -128,12 +151,15 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_the_pipeline(prefect_api
               "--limit", "1"]
     with _service(worker, env, tmp_path / "worker.log",
                   f"{env['PREFECT_API_URL']}/work_pools/brainrank"):
-        out = _run([prefect, "deploy", "--all", "--prefect-file", "deployments/prefect.yaml"],
-                   env, 240)
-        assert "pipeline/weekly" in out.stdout and "predict/adhoc" in out.stdout
-        params = json.dumps({"params": {**TINY, "out": str(run_dir)}})
-        out = _run([prefect, "deployment", "run", "pipeline/adhoc", "--params", params,
-                    "--watch", "--watch-timeout", "300"], env, 360)
+        try:
+            out = _run([prefect, "deploy", "--all", "--prefect-file",
+                        "deployments/prefect.yaml"], env, 240)
+            assert "pipeline/weekly" in out.stdout and "predict/adhoc" in out.stdout
+            params = json.dumps({"params": {**TINY, "out": str(run_dir)}})
+            out = _run([prefect, "deployment", "run", "pipeline/adhoc", "--params", params,
+                        "--watch", "--watch-timeout", "300"], env, 360)
+        finally:
+            _delete_deployments(env["PREFECT_API_URL"])
     assert "Completed" in out.stdout, out.stdout[-3000:]
     state = json.loads((run_dir / "pipeline.json").read_text())
     assert state["status"] == "succeeded"
@@ -147,20 +173,15 @@ def test_brainrank_serve_runs_a_served_deployment(prefect_api, tmp_path):
     env, root = prefect_api, tmp_path / "scheduled"
     serve = [str(BIN / "brainrank"), "serve", "--root", str(root), "--only", "simulate/adhoc",
              "pipeline/weekly"]
-    # ready once the deployment is the served one (prefect.yaml's, deployed by the test above,
-    # names a work pool; a served deployment has none)
     with _service(serve, env, tmp_path / "serve.log",
-                  f"{env['PREFECT_API_URL']}/deployments/name/simulate/adhoc",
-                  accept=lambda body: json.loads(body)["work_pool_name"] is None):
+                  f"{env['PREFECT_API_URL']}/deployments/name/simulate/adhoc"):
         params = json.dumps({"params": {"out_dir": str(root / "sim"), "subjects": 2,
                                         "spacing": 4.0}})
         out = _run([str(BIN / "prefect"), "deployment", "run", "simulate/adhoc", "--params",
                     params, "--watch", "--watch-timeout", "200"], env, 240)
     assert "Completed" in out.stdout, out.stdout[-3000:]
     assert len(list((root / "sim").glob("sub-*/anat/*_T1w.nii*"))) == 2
-    with urllib.request.urlopen(f"{env['PREFECT_API_URL']}/deployments/name/pipeline/weekly",
-                                timeout=10) as r:
-        weekly = json.loads(r.read())
+    weekly = json.loads(_api("GET", f"{env['PREFECT_API_URL']}/deployments/name/pipeline/weekly"))
     assert weekly["parameters"] == {"params": {"out": f"{root}/run"}}
     assert [s["schedule"]["cron"] for s in weekly["schedules"]] == ["0 3 * * 0"]
 
