@@ -255,6 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _prepare_environment() -> None:
     # A temporary Prefect server takes 7-16 s to start on 2 cores; the default 20 s is too tight.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+    # The telemetry heartbeat of a temporary server trips "database is locked" under load.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

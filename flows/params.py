@@ -28,7 +28,7 @@ class SimulateParams(_Params):
     out_dir: str
     subjects: int = Field(200, ge=2, le=100_000)
     seed: int = 0
-    spacing: float = Field(2.0, gt=0, le=8)
+    spacing: float = Field(2.0, ge=1, le=4)
     sites: int = Field(3, ge=1, le=64)
     corrupt: int = Field(0, ge=0)
     workers: int = Field(1, ge=1, le=256)

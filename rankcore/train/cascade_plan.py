@@ -213,6 +213,9 @@ def training_key(config: TrainConfig, stage2: TrainConfig, k_folds: int, val_fra
 
 def _resolve_devices(config: TrainConfig, engine: str, use_gpu: bool) -> str:
     if use_gpu:
+        if engine == "ray":
+            # GPU workers live on the cluster; the planning (head) node may have no GPU at all.
+            return "cuda"
         import torch
 
         if not torch.cuda.is_available():
