@@ -1,10 +1,10 @@
-# Two user-facing targets: `make test` (and `make demo` once the pipeline lands).
+# Two user-facing targets: `make demo` (the main job) and `make test`.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test lint bench demo
+.PHONY: test demo
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,9 +16,6 @@ $(STAMP): pyproject.toml constraints.txt
 test: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m pytest
-
-lint: $(STAMP)
-	$(PY) -m ruff check .
 
 # The whole pipeline on a simulated cohort (deployments/configs/demo.yaml): <= 10 minutes on
 # 2 CPU cores; prints the report path and the test MAE / SRCC. A second run takes seconds.
