@@ -8,14 +8,12 @@ card's ``training_key``), so a correction is never applied to another model.
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from rankcore._io import atomic_write
 from rankcore.bias import BiasCorrection
 from rankcore.errors import InputError
 
@@ -35,17 +33,8 @@ def save_bias(path: str | Path, correction: BiasCorrection, card: Mapping[str, A
     if path.is_dir():
         path = path / BIAS_FILE
     blob = dict(correction.to_dict(), training_key=card.get("training_key"), **extra)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(blob, fh, indent=2, sort_keys=True)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    text = json.dumps(blob, indent=2, sort_keys=True) + "\n"
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def load_bias(path: str | Path, card: Mapping[str, Any]) -> BiasCorrection:

@@ -11,14 +11,13 @@ Ages are in years; subjects with an unknown (NaN) age are left out of every figu
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from rankcore._io import atomic_write
 
 __all__ = ["plot_gap_vs_age", "plot_pred_vs_age", "plot_site_boxes", "save_figure"]
 
@@ -33,16 +32,7 @@ def _figure(width: float, height: float) -> Any:
 def save_figure(fig: Any, path: str | Path) -> Path:
     """Save ``fig`` as PNG at ``path`` through a temporary file in the same folder."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"), suffix=".png")
 
 
 def _known(age: Any, *others: Any) -> list[np.ndarray]:

@@ -13,11 +13,8 @@ corrected age needs no age: only its gap is then empty).
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import math
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rankcore._io import atomic_write
 from rankcore.bias import BiasCorrection
 from rankcore.errors import InputError, ShapeError
 
@@ -147,16 +145,10 @@ def write_table(table: pa.Table, path: str | Path) -> Path:
     path = Path(path)
     fmt = check_table_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    def write(tmp: Path) -> None:
         if fmt == "csv":
-            _write_csv(table, Path(tmp))
+            _write_csv(table, tmp)
         else:
             pq.write_table(table, tmp, compression="zstd")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_write(path, write)

@@ -10,12 +10,10 @@ same folder, then ``os.replace``), so a crash never leaves a half-written file u
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from rankcore._io import atomic_write
 from rankcore.errors import CheckpointError, InputError, SorterLengthError
 from rankcore.sorters.base import CONVENTION, Sorter
 from rankcore.sorters.registry import SORTER_KINDS, build_sorter
@@ -68,16 +67,7 @@ def _check_path(path: str | os.PathLike[str]) -> Path:
 
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_name)`` on a temporary file next to ``path``, then move it in place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a sorter file is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, lambda tmp: write(str(tmp)))
 
 
 def save_sorter(path: str | os.PathLike[str], sorter: Sorter,

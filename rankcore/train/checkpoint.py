@@ -35,6 +35,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from rankcore._io import atomic_write
 from rankcore.errors import CheckpointError
 from rankcore.models.backbone import AgeRegressor, BackboneConfig
 from rankcore.models.cascade import CascadeConfig, CorrectionRegressor
@@ -90,15 +91,7 @@ def _json_dump(obj: Any, path: Path) -> None:
 
 def _atomic_file(path: Path, write) -> None:
     """Call ``write(tmp_path)`` then rename onto ``path``; remove the temporary on failure."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    atomic_write(path, write)
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
