@@ -380,78 +380,8 @@ class PipelineParams(_Params):
 
 
 #: Commands a Ray job can run (`brainrank submit COMMAND`).
-JobCommand = Literal["pipeline", "simulate", "ingest", "pretrain-sorter", "train", "evaluate",
-                     "predict"]
 
 
-class SubmitParams(_Params):
-    """`brainrank submit`: run a brainrank command (the pipeline by default) as a Ray job.
-
-    ``address``: the cluster's job server, http://HEAD:8265 (default: $RAY_API_SERVER_ADDRESS,
-    or $RAY_ADDRESS when it is an http address). ``stage`` is the command the job runs.
-    ``job_config`` (option --config) is that command's own --config file and ``job_args`` its
-    options (a list, or one string split like a shell would); both are merged and validated by
-    the command's model before submission. ``working_dir`` is uploaded as the
-    job's code (a brainrank source folder; default "."); ``pip`` and ``env`` (KEY=VALUE, e.g.
-    PREFECT_API_URL) extend the job's runtime environment. ``wait`` streams the job's logs
-    until it ends (``timeout`` s at most) and exits non-zero unless it SUCCEEDED.
-    ``num_cpus`` / ``num_gpus`` reserve resources for the job's driver. ``token_file``: the
-    cluster's token when it runs with RAY_AUTH_MODE=token (see flows/submit.py). ``python``:
-    the interpreter that runs the job on the cluster (default: `python` on the nodes' PATH).
-    """
-
-    address: str | None = None
-    stage: JobCommand = "pipeline"
-    job_config: str | None = None
-    job_args: list[str] = Field(default_factory=list)
-    working_dir: str = "."
-    pip: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    wait: bool = False
-    timeout: float | None = Field(None, gt=0)
-    submission_id: str | None = None
-    num_cpus: float | None = Field(None, ge=0)
-    num_gpus: float | None = Field(None, ge=0)
-    token_file: str | None = None
-    python: str = Field("python", min_length=1)
-
-    @field_validator("job_args", mode="before")
-    @classmethod
-    def _shell_words(cls, v: object) -> object:
-        if isinstance(v, str):
-            import shlex
-
-            try:
-                return shlex.split(v)
-            except ValueError as exc:
-                raise ValueError(f"must be options as a shell would split them ({exc})"
-                                 ) from None
-        return v
-
-    @field_validator("env", mode="before")
-    @classmethod
-    def _key_value_pairs(cls, v: object) -> object:
-        if isinstance(v, list | tuple):
-            bad = [item for item in v if not isinstance(item, str) or "=" not in item
-                   or item.startswith("=")]
-            if bad:
-                raise ValueError(f"must be KEY=VALUE pairs, got {bad[0]!r}")
-            return dict(item.split("=", 1) for item in v)
-        return v
-
-
-class ServeParams(_Params):
-    """`brainrank serve`: serve the project's deployments with ``prefect.serve``.
-
-    The same deployments as deployments/prefect.yaml (a weekly pipeline run that retrains and
-    evaluates when the data changed, a nightly ingest of new subjects, ad hoc runs of the
-    pipeline and of every stage flow), with every path under ``root`` and ``cohort`` as the
-    cohort (default: none, the pipeline simulates one). ``only``: deployment names to serve
-    (default all); ``limit``: flow runs at a time. Needs a Prefect server (PREFECT_API_URL)
-    for the schedules to fire; runs until interrupted.
-    """
-
-    root: str = Field("runs/scheduled", min_length=1)
-    cohort: str | None = None
-    only: list[str] = Field(default_factory=list)
-    limit: int | None = Field(None, ge=1)
+# Job submission and serving parameters live in their own module; re-exported here so
+# every command's model is found in flows.params.
+from flows.params_jobs import JobCommand, ServeParams, SubmitParams  # noqa: E402, F401

@@ -30,8 +30,9 @@ from rankcore.cache import (
     open_cache,
     plan_ingest,
 )
-from rankcore.cache.layout import CacheLayout, read_manifest, write_shard
+from rankcore.cache.layout import CacheLayout, read_manifest
 from rankcore.cache.schema import SourceStat, encode_volume, rows_to_table, volume_row
+from rankcore.cache.shard_writer import write_shard
 from rankcore.errors import InputError
 from rankcore.mri import preprocess_file, read_cohort
 from rankcore.mri.types import (

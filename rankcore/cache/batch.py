@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from rankcore.cache.layout import ShardInfo, ShardWriter, sha256_file
+from rankcore.cache.layout import ShardInfo, sha256_file
 from rankcore.cache.schema import SourceStat, rows_to_table, volume_row
+from rankcore.cache.shard_writer import ShardWriter
 from rankcore.errors import QuarantineError
 from rankcore.mri.types import CohortRow, PreprocessConfig, PreprocessedVolume, QuarantineEntry
 

@@ -30,7 +30,6 @@ from rankcore.cache.batch import BatchResult, Preprocess
 from rankcore.cache.engines import check_engine, check_workers, run_batches
 from rankcore.cache.layout import (
     CacheLayout,
-    ShardWriter,
     atomic_write_bytes,
     cache_lock,
     parquet_bytes,
@@ -38,6 +37,7 @@ from rankcore.cache.layout import (
 )
 from rankcore.cache.plan import IngestPlan, QuarantineRecord, plan_ingest
 from rankcore.cache.schema import label_values, library_version, quarantine_table, rows_to_table
+from rankcore.cache.shard_writer import ShardWriter
 from rankcore.cache.shards import open_shard
 from rankcore.mri.types import QUARANTINE_CATEGORIES, Cohort, PreprocessConfig
 
