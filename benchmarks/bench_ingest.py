@@ -10,9 +10,12 @@ Each timing is the best of ``--repeat`` passes (default 3; one more for the cach
 * bare load: ``nibabel.load(path).get_fdata()`` per file (the I/O + decompression floor);
   files are read once beforehand so every timing starts from a warm page cache.
 * preprocess only: ``rankcore.mri.preprocess_file`` per file, no cache (the numerics).
-* fresh ingest: ``ingest_cohort`` into an empty cache (digest + preprocess + shard writes).
-* cached rerun: ``ingest_cohort`` again on the unchanged cohort (stat + manifest + shard
-  sha256 checks; nothing is processed or written).
+* fresh ingest: ``ingest_cohort`` into an empty cache with its default batches (up to 64
+  subjects per batch and shard, so one shard here): each file read once, sha256 of its
+  bytes, preprocess from those bytes, row streamed into the shard (page CRCs and a
+  whole-file CRC-32 while written), fsyncs, manifest and quarantine table.
+* cached rerun: ``ingest_cohort`` again on the unchanged cohort (stat + manifest + CRC-32
+  of every shard byte; nothing is processed or written).
 * peak memory: a fresh subprocess per cohort size ingests the first N subjects and reports
   its peak RSS (``resource.getrusage``) and the tracemalloc peak of the ingest call and of one
   pass of ``VolumeDataset`` over the cache; the target is "independent of cohort size".

@@ -30,8 +30,6 @@ from tasks.ingest import (
     read_cohort_task,
 )
 
-BATCH_SIZE = 16
-
 
 def _run_local(plan: IngestPlan, workers: int) -> None:
     """Each batch as a task: in this process for one worker, else in a process pool."""
@@ -64,7 +62,8 @@ def ingest_flow(params: IngestParams) -> dict:
                 params.cohort, len(cohort.rows), len(cohort.quarantine))
     with cache_lock(CacheLayout.for_config(params.cache, config)), \
             forward_logs(logger, ("rankcore.cache",)):
-        plan = plan_ingest_task(quote(cohort), params.cache, config, BATCH_SIZE)
+        plan = plan_ingest_task(quote(cohort), params.cache, config, params.batch_size,
+                                params.workers)
         logger.info("cache %s: %d reused, %d to process in %d batch(es) on engine %s",
                     plan.layout.folder, len(plan.reused), plan.n_todo, len(plan.batches),
                     params.engine)

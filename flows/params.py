@@ -35,7 +35,13 @@ class SimulateParams(_Params):
 
 
 class IngestParams(_Params):
-    """`brainrank ingest`: validate, preprocess and cache a cohort."""
+    """`brainrank ingest`: validate, preprocess and cache a cohort.
+
+    ``batch_size``: subjects per batch (= per shard, = per retry); None (the default) lets
+    the library choose (``rankcore.cache.plan.default_batch_size``: up to 64, fewer so that
+    each of ``workers`` gets a batch). It changes how the cache is cut into shards, not what it
+    holds. No CLI option: set it in --config.
+    """
 
     cohort: str
     cache: str
@@ -47,6 +53,7 @@ class IngestParams(_Params):
     allow_outside_root: bool = False
     require_age: bool = True
     ray_address: str | None = None
+    batch_size: int | None = Field(None, ge=1)
 
     @field_validator("shape")
     @classmethod

@@ -110,7 +110,7 @@ def _ingest(run: _Run, cohort: str) -> dict[str, Any]:
     ing = p.ingest_params(prepared["cohort"], cache,
                           allow_outside_root=prepared["allow_outside_root"])
     key = digest("ingest", prepared["fingerprint"], prepared["set_aside"],
-                 ing.model_dump(exclude={"workers", "engine", "ray_address",
+                 ing.model_dump(exclude={"workers", "batch_size", "engine", "ray_address",
                                          "max_failed_fraction"}))
     rec, data = run.state.matches("ingest", key), None
     if rec is not None:

@@ -33,9 +33,13 @@ def read_cohort_task(cohort: str, allow_outside_root: bool, require_age: bool) -
 
 @task(name="plan-ingest", retries=0, cache_policy=NO_CACHE)
 def plan_ingest_task(cohort: Cohort, cache_dir: str, config: PreprocessConfig,
-                     batch_size: int = 16) -> IngestPlan:
-    """Verify the cache and decide what to reuse and what to process (needs the cache lock)."""
-    return plan_ingest(cohort, cache_dir, config, batch_size=batch_size)
+                     batch_size: int | None = None, workers: int = 1) -> IngestPlan:
+    """Verify the cache and decide what to reuse and what to process (needs the cache lock).
+
+    ``batch_size`` None: the library's default batches (up to 64 subjects, fewer so that
+    each of ``workers`` gets one; see ``rankcore.cache.plan.default_batch_size``).
+    """
+    return plan_ingest(cohort, cache_dir, config, batch_size=batch_size, workers=workers)
 
 
 @task(name="ingest-batch", retries=1, retry_delay_seconds=1, cache_policy=NO_CACHE)

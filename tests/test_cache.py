@@ -336,6 +336,103 @@ def test_interrupted_reprocessing_keeps_the_newer_row_until_the_rerun_compacts(
     assert read_manifest(layout).complete and manifest_rows(cache) == 6
 
 
+def test_killed_ingest_loses_only_unrecorded_shards_and_rerun_completes(
+        cohort, tmp_path, monkeypatch):
+    """A process killed outright runs no exception handler: shards committed after the last
+    manifest checkpoint are on disk but not in the manifest. No reader trusts them, and the
+    rerun deletes them as strays and processes their subjects again."""
+    cache = tmp_path / "cache"
+    ingest_cohort(with_rows(cohort, cohort.rows[:2]), cache, CFG)
+    layout = CacheLayout.for_config(cache, CFG)
+    before = read_manifest(layout).to_dict()
+
+    def killed(done, total):
+        raise SystemExit("killed")  # stands for SIGKILL: the flush below is disabled
+
+    monkeypatch.setattr("rankcore.cache.ingest.save_manifest", lambda plan: None)
+    with pytest.raises(SystemExit):
+        ingest_cohort(cohort, cache, CFG, batch_size=2, progress=killed)
+    monkeypatch.undo()
+    assert read_manifest(layout).to_dict() == before  # still the last complete manifest
+    assert len(list(layout.shard_dir.iterdir())) == len(before["shards"]) + 1  # one stray
+    assert open_cache(cache).keys == ["sub-00", "sub-01"]
+    counting = Counting()
+    s = ingest_cohort(cohort, cache, CFG, batch_size=2, preprocess=counting)
+    assert (s.ingested, s.reused) == (4, 2) and len(counting.calls) == 4
+    assert open_cache(cache, verify=True).keys == [f"sub-{i:02d}" for i in range(6)]
+    assert sorted(p.name for p in layout.shard_dir.iterdir()) == sorted(
+        sh.name for sh in read_manifest(layout).shards)
+
+
+def test_manifest_checkpoints_while_batches_commit(cohort, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    layout = CacheLayout.for_config(cache, CFG)
+    seen = []
+    monkeypatch.setattr("rankcore.cache.ingest.CHECKPOINT_SECONDS", 0.0)
+    ingest_cohort(cohort, cache, CFG, batch_size=2,
+                  progress=lambda done, total: seen.append(len(read_manifest(layout).shards)))
+    assert seen == [1, 2, 3]  # every committed batch recorded at once (checkpoint due)
+    monkeypatch.setattr("rankcore.cache.ingest.CHECKPOINT_SECONDS", 3600.0)
+    seen.clear()
+    ingest_cohort(cohort, tmp_path / "other", CFG, batch_size=2, progress=lambda done, total:
+                  seen.append(CacheLayout.for_config(tmp_path / "other", CFG)
+                              .manifest_path.exists()))
+    assert seen == [False, False, False]  # written once, at the end
+    assert open_cache(tmp_path / "other").keys == [f"sub-{i:02d}" for i in range(6)]
+
+
+def test_default_batches_hold_up_to_64_subjects_and_feed_every_worker(cohort, tmp_path):
+    from rankcore.cache.plan import DEFAULT_BATCH_SIZE, default_batch_size
+
+    assert DEFAULT_BATCH_SIZE == 64
+    assert [default_batch_size(n, w) for n, w in [(6, 1), (200, 1), (6, 4), (200, 4)]] == [
+        6, 64, 2, 50]
+    assert [len(b.subjects) for b in plan_ingest(cohort, tmp_path / "c", CFG).batches] == [6]
+    assert [len(b.subjects) for b in plan_ingest(cohort, tmp_path / "d", CFG,
+                                                 workers=4).batches] == [2, 2, 2]
+
+
+def test_format_1_manifest_with_sha256_checksums_is_still_read_and_verified(cohort, tmp_path):
+    import hashlib
+    import json
+
+    cache = tmp_path / "cache"
+    ingest_cohort(cohort, cache, CFG, batch_size=3)
+    layout = CacheLayout.for_config(cache, CFG)
+    d = json.loads(layout.manifest_path.read_text())
+    assert d["format"] == 2 and all(s["checksum"].startswith("crc32:") for s in d["shards"])
+    d["format"] = 1  # what brainrank wrote before: a sha256 per shard
+    for shard in d["shards"]:
+        del shard["checksum"]
+        shard["sha256"] = hashlib.sha256(layout.shard_path(shard["name"]).read_bytes()
+                                         ).hexdigest()
+    layout.manifest_path.write_text(json.dumps(d))
+    assert open_cache(cache, verify=True).keys == [f"sub-{i:02d}" for i in range(6)]
+    s = ingest_cohort(cohort, cache, CFG, batch_size=3)
+    assert (s.ingested, s.reused, s.rebuilt_shards) == (0, 6, 0)
+    bad = layout.shard_path(d["shards"][0]["name"])
+    _flip_volume_bytes(bad, row_group=0)
+    with pytest.raises(InputError, match="corrupt"):
+        open_cache(cache, verify=True)
+    s = ingest_cohort(cohort, cache, CFG, batch_size=3)
+    assert (s.ingested, s.rebuilt_shards) == (3, 1)
+    # rewritten in format 2; the intact old shard keeps its sha256, the rebuilt one a CRC
+    assert json.loads(layout.manifest_path.read_text())["format"] == 2
+    assert sorted(sh.checksum.split(":")[0] for sh in read_manifest(layout).shards) == [
+        "crc32", "sha256"]
+
+
+def test_source_digest_is_the_sha256_of_the_bytes_read_once(cohort, tmp_path):
+    import hashlib
+
+    cache = tmp_path / "cache"
+    ingest_cohort(cohort, cache, CFG)
+    rows = {r["key"]: r for r in open_cache(cache).table.to_pylist()}
+    for row in cohort.rows:
+        assert rows[row.key]["source_digest"] == hashlib.sha256(row.path.read_bytes()
+                                                                ).hexdigest()
+
+
 def test_second_writer_is_refused_while_an_ingest_holds_the_lock(cohort, tmp_path):
     cache = tmp_path / "cache"
     with cache_lock(CacheLayout.for_config(cache, CFG)), \

@@ -88,6 +88,34 @@ def test_ingest_flow_fills_the_cache_and_a_rerun_reuses_everything(
     assert again["cache_path"] == summary["cache_path"]
 
 
+def test_ingest_batch_size_is_the_library_default_unless_set(manifest, tmp_path):
+    """IngestParams.batch_size None (the default) lets plan_ingest size the batches (up to 64,
+    fewer so that each worker gets one); an explicit value is passed through."""
+    from pydantic import ValidationError
+
+    from flows.params import PipelineParams
+    from rankcore.cache import CacheLayout, cache_lock
+    from rankcore.mri import PreprocessConfig, read_cohort
+    from tasks.ingest import plan_ingest_task
+
+    assert _params(manifest, tmp_path).batch_size is None
+    assert _params(manifest, tmp_path, batch_size=2).batch_size == 2
+    with pytest.raises(ValidationError):
+        _params(manifest, tmp_path, batch_size=0)
+    pipe = PipelineParams(out=str(tmp_path / "run"), ingest={"batch_size": 3})
+    assert pipe.ingest_params(str(manifest), str(tmp_path)).batch_size == 3
+    assert PipelineParams(out="r").ingest_params("c", "d").batch_size is None
+
+    cohort = read_cohort(manifest)  # 5 rows, all to process
+    config = PreprocessConfig(spacing=4.0, shape=SHAPE)
+    cache = tmp_path / "cache"
+    with cache_lock(CacheLayout.for_config(cache, config)):
+        sizes = {args: [len(b.subjects) for b in plan_ingest_task.fn(
+            cohort, str(cache), config, *args).batches]
+            for args in [(), (None, 2), (2,), (2, 4)]}
+    assert sizes == {(): [5], (None, 2): [3, 2], (2,): [2, 2, 1], (2, 4): [2, 2, 1]}
+
+
 def test_run_cli_exit_code_follows_max_failed_fraction(prefect_server, manifest, tmp_path,
                                                        capsys):
     cache = tmp_path / "cache"

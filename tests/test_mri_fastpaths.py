@@ -251,6 +251,55 @@ def test_mask_route_matches_the_float_route_at_an_exact_tie():
 
 # --- 3. oblique maps: point by point == map_coordinates(order=1) -----------------------------
 
+@pytest.mark.parametrize("seed", range(8))
+def test_mask_route_on_unit_steps_uses_the_code_table_and_equals_the_float_route(seed):
+    """Unit steps (a source as fine as the output, flipped or not) read every cell with the
+    same weights: the 256-pattern table must give what the float route gives, ties included
+    (offsets of .5 make value-0.5 cells common), in any result axis order."""
+    rng = np.random.default_rng(seed)
+    mask = _random_mask(rng, ("iid", "blobs", "inner")[seed % 3])
+    pos = []
+    for n in SRC:
+        step = rng.choice([1.0, -1.0])
+        count = int(rng.integers(5, n - 2))
+        start = (rng.integers(0, n - count - 1) if step > 0 else rng.integers(count, n - 1))
+        start = start + rng.choice([0.0, 0.25, 0.5, 0.75]) + rng.choice([0, -3, 3]) * (seed > 5)
+        pos.append(start + step * np.arange(count))
+    expected = _float_route(mask, pos) >= 0.5
+    for axes in [(0, 1, 2), (2, 0, 1), (2, 1, 0), (1, 2, 0)]:
+        got = mask_separable(mask, pos, axes=axes)
+        assert got.flags.c_contiguous and got.dtype == bool
+        np.testing.assert_array_equal(got, expected.transpose(axes))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_source_order_last_axis_equals_the_sparse_product(seed):
+    """apply_separable(source_order=True): axis 2 by strided views where its rows read two
+    evenly stepped neighbours, else the sparse product; axes=(2, 1, 0): the other memory
+    order of the sparse route. The same values, bit for bit."""
+    rng = np.random.default_rng(seed)
+    a = (rng.normal(size=SRC) * 10 - 5).astype(np.float32)
+    a[rng.random(SRC) < 0.2] = -0.0
+    pos = []
+    for q, n in enumerate(SRC):
+        step = rng.choice([1.0, -1.0, 2.0, 0.75]) if q == 2 else rng.uniform(0.5, 1.5)
+        k = np.arange(int(rng.integers(4, 10)))
+        pos.append((n - 1) / 2 + rng.choice([0.0, 0.3, 0.5]) + step * (k - k.mean()))
+    ops = [interp_matrix(pos[q], SRC[q]) for q in range(3)]
+    plain = apply_separable(a, ops)
+    got, axes = apply_separable(a, ops, source_order=True)
+    assert got.flags.c_contiguous
+    expected = plain.transpose(1, 2, 0).transpose(axes)
+    assert got.shape == expected.shape
+    assert got.tobytes() == np.ascontiguousarray(expected).tobytes()
+    # the sparse product's other memory order: source axes (2, 1, 0)
+    other = apply_separable(a, ops, axes=(2, 1, 0))
+    assert other.flags.c_contiguous
+    assert other.tobytes() == np.ascontiguousarray(plain.transpose(0, 2, 1)).tobytes()
+    with pytest.raises(ValueError):
+        apply_separable(a, ops, axes=(0, 1, 2))
+
+
 def _coords(m: np.ndarray, out) -> np.ndarray:
     idx = np.indices(out, dtype=np.float64).reshape(3, -1)
     return m[:3, :3] @ idx + m[:3, 3:4]

@@ -208,3 +208,47 @@ def test_check_affine():
     flat[:3, 2] = flat[:3, 0] * (1 + 1e-9)
     with pytest.raises(QuarantineError, match="singular"):
         check_affine(flat, "x")
+
+
+@pytest.mark.parametrize("dtype", ["int16", "uint8", "float32"])
+@pytest.mark.parametrize("slope", [0.0212928, 1.9062493, 3.0e33, 1e-40, 7.0])
+def test_float32_scaling_shortcut_has_the_float64_bits(dtype, slope):
+    """With scl_inter 0 and a float32 slope, one float32 multiply rounds the exact product
+    once, as the float64 computation does: every stored value, overflow and subnormals
+    included, gives the same bits."""
+    from rankcore.mri.load import _float32_product_exact, _scale_into
+
+    slope = float(np.float32(slope))
+    if dtype == "float32":
+        voxels = np.random.default_rng(0).normal(0, 1e3, 40_000).astype(np.float32)
+        extremes = None
+    else:
+        info = np.iinfo(dtype)
+        voxels = np.arange(info.min, info.max + 1).astype(dtype)
+        extremes = (float(info.min), float(info.max))
+    voxels = np.asfortranarray(voxels.reshape(-1, 1, 1))
+    assert _float32_product_exact(voxels.dtype, slope, 0.0, extremes)
+    assert not _float32_product_exact(voxels.dtype, slope, 1.5, extremes)
+    assert not _float32_product_exact(voxels.dtype, 0.1, 0.0, extremes)  # not a float32
+    fast = np.empty(voxels.shape, np.float32, order="F")
+    _scale_into(fast, voxels, slope, 0.0, extremes)
+    with np.errstate(over="ignore"):
+        slow = (voxels.astype(np.float64) * slope).astype(np.float32)
+    np.testing.assert_array_equal(fast.view(np.uint32), slow.view(np.uint32))
+
+
+@pytest.mark.parametrize("name", ["a.nii", "a.nii.gz"])
+def test_load_from_bytes_already_read_equals_load_from_the_file(tmp_path, name):
+    from rankcore.mri.load import read_source
+
+    path = _write(tmp_path / name, _data())
+    raw, st = read_source(path)
+    assert st.st_size == len(raw) == path.stat().st_size
+    data, affine, info = load_volume(path, CONFIG, raw=raw)
+    ref, ref_affine, ref_info = load_volume(path, CONFIG)
+    np.testing.assert_array_equal(data, ref)
+    np.testing.assert_array_equal(affine, ref_affine)
+    assert info.orientation == ref_info.orientation and data.flags.f_contiguous
+    with pytest.raises(QuarantineError, match=r"truncated|cannot read") as e:
+        load_volume(path, CONFIG, raw=raw[: len(raw) // 2])
+    assert e.value.category == "unreadable"

@@ -7,6 +7,7 @@ subject becomes a quarantine entry and never aborts the batch; the shard holds t
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -19,6 +20,7 @@ from rankcore.cache.layout import ShardInfo, sha256_file
 from rankcore.cache.schema import SourceStat, rows_to_table, volume_row
 from rankcore.cache.shard_writer import ShardWriter
 from rankcore.errors import QuarantineError
+from rankcore.mri.load import read_source
 from rankcore.mri.types import CohortRow, PreprocessConfig, PreprocessedVolume, QuarantineEntry
 
 logger = logging.getLogger("rankcore.cache.ingest")
@@ -78,21 +80,46 @@ def _quarantined(row: CohortRow, category: str, message: str,
     return SubjectOutcome(row.key, "quarantined", stat, entry, f"[{category}] {message}")
 
 
-def _default_preprocess() -> tuple[Preprocess, Callable[[PreprocessedVolume], str]]:
+def _default_preprocess() -> tuple[Callable[..., PreprocessedVolume],
+                                   Callable[[PreprocessedVolume], str]]:
     from rankcore.mri.preprocess import describe, preprocess_file
 
     return preprocess_file, describe
 
 
+#: Extra bytes beyond ``max_voxels`` float64 voxels that a source may hold and still be read
+#: into memory whole (header, extensions).
+_READ_WHOLE_SLACK = 1 << 20
+
+
+def _read_whole(size: int, config: PreprocessConfig) -> bool:
+    """Whether a source of ``size`` bytes is read into memory once (hashed, then decoded)
+    rather than hashed as a stream: no larger than the largest image ``config`` accepts, so
+    that a huge file is still refused from its header without being read into memory."""
+    return size <= config.max_voxels * 8 + _READ_WHOLE_SLACK
+
+
 def process_subject(task: SubjectTask, config: PreprocessConfig,
                     preprocess: Preprocess | None = None) -> tuple[SubjectOutcome, dict | None]:
-    """Digest and preprocess one subject; return its outcome and its cache row (or None)."""
+    """Digest and preprocess one subject; return its outcome and its cache row (or None).
+
+    With the default preprocessing the file is read once: its bytes are hashed, then
+    decoded from memory (the digest is that of the bytes preprocessed). A replacement
+    ``preprocess`` (or a file larger than any image ``config`` accepts) is hashed as a stream
+    and reads the file itself.
+    """
     row = task.row
     default_preprocess, describe = _default_preprocess()
-    preprocess = preprocess or default_preprocess
+    path = Path(row.path)
+    source: list[bytes | None] = [None]  # the only reference to the bytes (see below)
     try:
-        st = os.stat(row.path)
-        stat = SourceStat(sha256_file(Path(row.path)), st.st_size, st.st_mtime_ns)
+        st = os.stat(path)
+        if preprocess is None and _read_whole(st.st_size, config):
+            source[0], st = read_source(path)
+            digest = hashlib.sha256(source[0]).hexdigest()
+        else:
+            digest = sha256_file(path)
+        stat = SourceStat(digest, st.st_size, st.st_mtime_ns)
     except FileNotFoundError:
         return _quarantined(row, "missing_file", f"{row.path} does not exist", None), None
     except OSError as exc:
@@ -100,7 +127,11 @@ def process_subject(task: SubjectTask, config: PreprocessConfig,
     if stat.digest == task.expected_digest:
         return SubjectOutcome(row.key, "unchanged", stat, log="unchanged (same sha256)"), None
     try:
-        pv = preprocess(Path(row.path), config)
+        if preprocess is not None:
+            pv = preprocess(path, config)
+        else:
+            # handed over, not kept here: freed as soon as the voxels are decoded
+            pv = default_preprocess(path, config, raw=source.pop())
         record = volume_row(row, pv, config, stat)
     except QuarantineError as exc:
         return _quarantined(row, exc.category, str(exc), stat), None

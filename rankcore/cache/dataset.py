@@ -39,7 +39,7 @@ class VolumeDataset(Dataset):
         cache_dir: the cache root given to ingest.
         config: which preprocessing config's cache (None: the only one).
         split: keep only rows of this split (or these splits).
-        verify: check every shard's sha256 when opening (reads all bytes once).
+        verify: check every shard's checksum when opening (reads all bytes once).
     """
 
     def __init__(self, cache_dir: str | Path, config: PreprocessConfig | None = None, *,

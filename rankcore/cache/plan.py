@@ -11,7 +11,9 @@ not retried while its file's stat and the brainrank version are unchanged.
 from __future__ import annotations
 
 import logging
+import math
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,12 @@ from rankcore.errors import InputError
 from rankcore.mri.types import Cohort, CohortRow, PreprocessConfig, QuarantineEntry
 
 logger = logging.getLogger("rankcore.cache.ingest")
+
+#: Subjects per batch (= per shard) when none is asked for: fewer batches mean fewer shards
+#: (each one an fsync of the file and of its folder, a footer, a manifest entry, a file to
+#: open and check on every later ingest). Memory does not grow with it: a batch streams its
+#: rows into its shard one subject at a time.
+DEFAULT_BATCH_SIZE = 64
 
 #: A quarantine record: (entry, key, source size, source mtime_ns, brainrank version).
 QuarantineRecord = tuple[QuarantineEntry, str | None, int | None, int | None, str]
@@ -67,6 +75,9 @@ class IngestPlan:
     rebuilt_shards: int = 0
     removed: int = 0
     manifest_dirty: bool = False
+    #: Committed shards not yet in manifest.json, and when it was last written (monotonic).
+    manifest_unsaved: bool = False
+    manifest_saved_at: float = field(default_factory=time.monotonic)
 
     @property
     def n_todo(self) -> int:
@@ -74,14 +85,21 @@ class IngestPlan:
         return sum(len(b.subjects) for b in self.batches)
 
 
-def _check_batch_size(batch_size: int) -> int:
+def _check_batch_size(batch_size: int | None) -> int | None:
+    if batch_size is None:
+        return None
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"`batch_size` must be an integer >= 1, got {batch_size!r}")
     return batch_size
 
 
+def default_batch_size(n_todo: int, workers: int = 1) -> int:
+    """DEFAULT_BATCH_SIZE, or less so that each of ``workers`` gets a batch when it can."""
+    return max(1, min(DEFAULT_BATCH_SIZE, math.ceil(n_todo / max(1, workers))))
+
+
 def _drop_bad_shards(layout: CacheLayout, manifest: Manifest) -> int:
-    """Verify every shard (size + sha256); drop and delete the bad ones; return how many."""
+    """Verify every shard (size + checksum); drop and delete the bad ones; return how many."""
     bad = []
     for info in manifest.shards:
         problem = verify_shard(layout, info, full=True)
@@ -162,8 +180,8 @@ def _classify(plan: IngestPlan, row: CohortRow, verdict: dict[str, Any] | None,
 
 
 def plan_ingest(cohort: Cohort, cache_dir: str | Path, config: PreprocessConfig, *,
-                batch_size: int = 16, prune: bool = True,
-                preprocess: Preprocess | None = None) -> IngestPlan:
+                batch_size: int | None = None, prune: bool = True,
+                preprocess: Preprocess | None = None, workers: int = 1) -> IngestPlan:
     """Check the cache, compare it with the cohort, and cut the work into batches.
 
     Call it while holding ``cache_lock`` (it deletes corrupt shards and stray files).
@@ -172,10 +190,13 @@ def plan_ingest(cohort: Cohort, cache_dir: str | Path, config: PreprocessConfig,
         cohort: the parsed cohort; its table-level quarantine is carried into the result.
         cache_dir: the cache root; this config's cache is ``cache_dir/<config.digest()>``.
         config: the preprocessing config.
-        batch_size: subjects per batch (= per shard, = per retry).
+        batch_size: subjects per batch (= per shard, = per retry); None:
+            :func:`default_batch_size` (up to 64, fewer to give each of ``workers`` a batch).
         prune: drop cached rows whose key is no longer in the cohort.
         preprocess: replaces rankcore.mri.preprocess.preprocess_file (must be picklable for
             process and Ray engines).
+        workers: the parallel workers that will run the batches (only sizes the default
+            batches).
     """
     _check_batch_size(batch_size)
     if not isinstance(config, PreprocessConfig):
@@ -215,7 +236,8 @@ def plan_ingest(cohort: Cohort, cache_dir: str | Path, config: PreprocessConfig,
             if key not in seen:
                 plan.dead.add((cached.shard, cached.index))
                 plan.removed += 1
-    chunks = [tuple(todo[i:i + batch_size]) for i in range(0, len(todo), batch_size)]
+    size = batch_size or default_batch_size(len(todo), workers)
+    chunks = [tuple(todo[i:i + size]) for i in range(0, len(todo), size)]
     first = manifest.take_seq(len(chunks)) if chunks else manifest.next_seq
     plan.batches = [Batch(index=i, seq=first + i, shard_dir=str(layout.shard_dir),
                           config=config, subjects=chunk, preprocess=preprocess)

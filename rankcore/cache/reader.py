@@ -1,8 +1,9 @@
 """Open a cache for reading: its metadata as one Arrow table, and volumes one at a time.
 
-Only the shards listed in the manifest are read; each is checked (size and footer, or
-sha256 with ``verify=True``) and its data pages carry checksums, so a corrupt shard raises an
-InputError that says to re-run ingest (which rebuilds it) instead of being read silently.
+Only the shards listed in the manifest are read; each is checked (size and footer, or the
+whole file's checksum with ``verify=True``) and its data pages carry checksums, so a corrupt
+shard raises an InputError that says to re-run ingest (which rebuilds it) instead of being
+read silently.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ def open_cache(cache_dir: str | Path, config: PreprocessConfig | None = None, *,
     Args:
         cache_dir: the cache root given to ingest.
         config: which preprocessing config's cache; None when there is only one.
-        verify: also check every shard's sha256 against the manifest (reads all bytes).
+        verify: also check every shard's checksum against the manifest (reads all bytes).
 
     Raises:
         InputError: no cache, several configs and none chosen, or a corrupt shard.

@@ -1,26 +1,27 @@
-"""Writing one Parquet shard: streamed to a temporary file, hashed while written, fsynced,
-then renamed into place by ``commit`` (see ``rankcore.cache.layout`` for the folder layout).
+"""Writing one Parquet shard: streamed to a temporary file, checksummed (CRC-32) while
+written, fsynced, then renamed into place by ``commit`` (see ``rankcore.cache.layout`` for the
+folder layout and the checksum).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rankcore.cache.layout import _TMP_PREFIX, ShardInfo, _fsync_dir, shard_name
+from rankcore.cache.layout import _TMP_PREFIX, ShardInfo, _fsync_dir, crc32_checksum, shard_name
 from rankcore.cache.schema import CACHE_SCHEMA
 
 
 class _HashingFile:
-    """A binary file open for writing that feeds every byte written to a sha256 as it goes.
+    """A binary file open for writing that feeds every byte written to a CRC-32 as it goes.
 
-    ParquetWriter writes strictly sequentially, so the running digest is that of the file:
+    ParquetWriter writes strictly sequentially, so the running CRC is that of the file:
     committing a shard needs no second pass over its bytes. ``start_sync`` sends the bytes
     written so far to disk in a background thread while the caller prepares the next row,
     so that the final fsync has little left to wait for.
@@ -28,7 +29,7 @@ class _HashingFile:
 
     def __init__(self, path: Path):
         self._fh = open(path, "xb")  # closed by release()
-        self._hash = hashlib.sha256()
+        self._crc = 0
         self.nbytes = 0
         self._sync: threading.Thread | None = None
         self._sync_error: OSError | None = None
@@ -65,7 +66,7 @@ class _HashingFile:
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
-        self._hash.update(view)
+        self._crc = zlib.crc32(view, self._crc)
         self.nbytes += self._fh.write(view)
         return view.nbytes
 
@@ -90,8 +91,9 @@ class _HashingFile:
     def fileno(self) -> int:
         return self._fh.fileno()
 
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
+    def checksum(self) -> str:
+        """The file's checksum as the manifest spells it (``"crc32:<hex>"``)."""
+        return crc32_checksum(self._crc)
 
     def close(self) -> None:
         """Called by pyarrow when the Parquet writer closes: flush; keep the descriptor for
@@ -113,7 +115,7 @@ class ShardWriter:
     """Stream cache rows into a new shard, one row group per row; publish it atomically.
 
     Rows go to a temporary file in ``shard_dir`` as they come (so memory holds one volume,
-    not a batch), and through a sha256 as they are written; ``commit`` fsyncs the file once
+    not a batch), and through a CRC-32 as they are written; ``commit`` fsyncs the file once
     and renames it to its final name (then fsyncs the folder). Until then no file with a
     shard name exists, and ``abort`` (or an exception inside ``with``) deletes the temporary
     file. No column is compressed or dictionary-encoded and none carries statistics: with one
@@ -171,7 +173,7 @@ class ShardWriter:
             sink.wait_sync()
             os.fsync(sink.fileno())
             sink.release()
-            digest, size = sink.hexdigest(), sink.nbytes
+            checksum, size = sink.checksum(), sink.nbytes
             if self.tmp.stat().st_size != size:
                 raise OSError(f"{self.tmp} holds {self.tmp.stat().st_size} B, "
                               f"{size} B were written")
@@ -183,7 +185,7 @@ class ShardWriter:
         finally:
             self._sink = None
         _fsync_dir(self.shard_dir)
-        return ShardInfo(name=self.name, seq=self.seq, sha256=digest, bytes=size,
+        return ShardInfo(name=self.name, seq=self.seq, checksum=checksum, bytes=size,
                          rows=len(self.keys), keys=list(self.keys))
 
     def abort(self) -> None:

@@ -2,8 +2,9 @@
 
 Two levels of checking:
 
-- ``verify_shard(..., full=True)`` (every ingest): the file's size and sha256 must equal the
-  manifest's, so flipped bytes anywhere are caught before a shard's rows are reused.
+- ``verify_shard(..., full=True)`` (every ingest): the file's size and checksum (CRC-32 of
+  every byte; sha256 for shards of older manifests) must equal the manifest's, so flipped
+  bytes anywhere are caught before a shard's rows are reused.
 - ``full=False`` (readers): size and Parquet footer only; the data pages carry CRC32 page
   checksums that pyarrow verifies as it decodes them, so a corrupt page raises when read
   instead of returning wrong voxels.
@@ -17,7 +18,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from rankcore.cache.layout import CacheLayout, ShardInfo, sha256_file
+from rankcore.cache.layout import CacheLayout, ShardInfo, checksum_matches
 from rankcore.cache.schema import CACHE_SCHEMA, METADATA_COLUMNS
 
 
@@ -32,7 +33,7 @@ def verify_shard(layout: CacheLayout, info: ShardInfo, *, full: bool) -> str | N
     Args:
         layout: the cache the shard belongs to.
         info: the manifest's record of the shard.
-        full: also compare the sha256 of the whole file (reads every byte).
+        full: also compare the checksum of the whole file (reads every byte).
     """
     path = layout.shard_path(info.name)
     try:
@@ -44,8 +45,8 @@ def verify_shard(layout: CacheLayout, info: ShardInfo, *, full: bool) -> str | N
     if size != info.bytes:
         return f"size {size} B differs from the manifest's {info.bytes} B (truncated?)"
     try:
-        if full and sha256_file(path) != info.sha256:
-            return "sha256 differs from the manifest's (corrupted bytes)"
+        if full and not checksum_matches(path, info.checksum):
+            return "checksum differs from the manifest's (corrupted bytes)"
         meta = open_shard(path).metadata
     except (OSError, pa.ArrowException) as exc:
         return f"not a readable Parquet file: {exc}"

@@ -37,8 +37,8 @@ cropping) and ``p01``/``p50``/``p99`` of the source intensities (after ``scl_slo
 ``scl_inter``, before normalisation) inside that mask, from a strided sample of ~32k voxels.
 
 Cost after loading, one core (CPU time on a shared 2-core machine, simulated skull-stripped
-heads): 2 mm grids (0.7-1.5 M voxels) ~6-10 ms, 1.2-1.5 mm grids ~12-17 ms, oblique 2 mm
-grids ~15-25 ms, a 1 mm 182x218x182 volume ~18 ms; a whole-head (not skull-stripped) input
+heads): 2 mm grids (0.7-1.5 M voxels) ~6-9 ms, 1.2-1.5 mm grids ~8-14 ms, oblique 2 mm
+grids ~13-17 ms, a 1 mm 182x218x182 volume ~18 ms; a whole-head (not skull-stripped) input
 adds ~10-15 ms for its voxel-level labelling.
 """
 
@@ -175,9 +175,11 @@ def _trilinear(a: np.ndarray, m: np.ndarray, shape: tuple[int, int, int],
     return np.ascontiguousarray(apply_separable(a, ops).transpose(_raw_to_output(perm)))
 
 
-def _raw_to_output(perm: tuple[int, ...]) -> tuple[int, int, int]:
-    """Transpose that views :func:`apply_separable`'s (2, 0, 1)-ordered result in output order."""
-    return tuple((2, 0, 1).index(q) for q in perm)  # type: ignore[return-value]
+def _raw_to_output(perm: tuple[int, ...], raw: tuple[int, ...] = (2, 0, 1),
+                   ) -> tuple[int, int, int]:
+    """Transpose that views a resampled array whose axes hold the source axes ``raw``
+    (:func:`apply_separable`'s (2, 0, 1) by default) in output order."""
+    return tuple(raw.index(q) for q in perm)  # type: ignore[return-value]
 
 
 def _centre_and_box(mask: np.ndarray) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -231,10 +233,18 @@ def _resample(small: np.ndarray, mask: np.ndarray, m: np.ndarray, shape: tuple[i
             rng[q] = (int(near[0]), int(near[-1]) + 1)
             pos[q] = pos[q][rng[q][0]:rng[q][1]]
         ops = [interp_matrix(pos[q], n[q], sigma=sigmas[q]) for q in range(3)]
-        vals = apply_separable(small, ops)  # axes in the order (2, 0, 1)
-        mask_o = np.ascontiguousarray(mask_separable(mask, pos).transpose(2, 0, 1))
+        # The memory order of the result (the source axis each of its axes holds), chosen so
+        # that the output's last axis is innermost: the z-scoring then writes whole rows of
+        # the output (for RAS from nibabel's transposed LAS/RAS/LPS, perm (2, 1, 0): the
+        # output's own order). Two strided views for axis 2 when the output reads it last.
+        if perm[2] == 2:
+            vals, raw = apply_separable(small, ops, source_order=True)
+        else:
+            raw = (2, 1, 0) if perm[2] == 0 else (2, 0, 1)
+            vals = apply_separable(small, ops, axes=raw)
+        mask_o = mask_separable(mask, pos, axes=raw)  # the same memory order
         where = tuple(slice(*rng[q]) for q in perm)
-        return vals, mask_o, _raw_to_output(perm), where
+        return vals, mask_o, _raw_to_output(perm, raw), where
     # oblique: the output box around the mask's bounding box (+1 voxel) mapped to the output
     corners = np.array(np.meshgrid(*[(b[0] - 1.0, b[1] + 1.0) for b in box], [1.0],
                                    indexing="ij")).reshape(4, -1)
@@ -252,7 +262,8 @@ def _resample(small: np.ndarray, mask: np.ndarray, m: np.ndarray, shape: tuple[i
     order = [perm.index(k) for k in range(3)]  # raw axis k = output axis order[k]
     m_raw = m[:, [*order, 3]]
     vals, mask_o = sample_masked(_smooth(small, sigmas), mask, m_raw,
-                                 tuple(shape[d] for d in order), tuple(where[d] for d in order))
+                                 tuple(shape[d] for d in order), tuple(where[d] for d in order),
+                                 mask_box=box)
     return vals, mask_o, perm, where
 
 
@@ -269,8 +280,13 @@ def _obliquity_deg(affine: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip(np.abs(cols).max(axis=0), -1, 1))).max())
 
 
-def _zscore_(vals: np.ndarray, mask_o: np.ndarray, source: str) -> tuple[float, float]:
-    """z-score float32 ``vals`` in place inside boolean ``mask_o`` (same shape); 0 outside.
+def _zscore_(vals: np.ndarray, mask_o: np.ndarray, source: str,
+             out: np.ndarray | None = None) -> tuple[float, float]:
+    """z-score float32 ``vals`` inside boolean ``mask_o`` (same shape); 0 outside.
+
+    In place, or into ``out`` (same shape; any strides) when given: the last step (the
+    product with the mask) then writes there, so that no separate copy pass is needed;
+    ``vals`` is left centred and scaled but unmasked.
 
     Returns:
         The mean and standard deviation used (sums accumulated in float64).
@@ -286,7 +302,7 @@ def _zscore_(vals: np.ndarray, mask_o: np.ndarray, source: str) -> tuple[float, 
                                        f"the output grid ({n} voxels)")
     vals -= np.float32(mean)
     vals *= np.float32(1.0 / sd)
-    vals *= mask_o
+    np.multiply(vals, mask_o, out=vals if out is None else out)
     return mean, sd
 
 
@@ -343,9 +359,10 @@ def _preprocess(data: np.ndarray, affine: np.ndarray, config: PreprocessConfig, 
     if kept < _KEEP_FRACTION:
         actions.append(f"truncated brain: {100 * (1 - kept):.0f}% of the brain mask lies "
                        f"outside the {out_txt} grid")
-    mean, sd = _zscore_(vals, mask_o, source)
     out = np.zeros(shape, dtype=np.float32)
-    out[where] = vals.transpose(to_output)
+    # out's sub-box viewed in the resampler's memory order (the statistics keep its order)
+    mean, sd = _zscore_(vals, mask_o, source,
+                        out=out[where].transpose(np.argsort(to_output)))
     how = ("skull-stripped: voxels above the constant background" if rule == "background"
            else f"not skull-stripped: voxels above Otsu threshold {threshold:.4g}")
     actions.append(f"normalised: z-score inside the brain mask ({how}; mean {mean:.4g}, "
@@ -394,13 +411,18 @@ def preprocess_volume(data: np.ndarray, affine: np.ndarray, config: PreprocessCo
     return _preprocess(arr, affine, config, source)
 
 
-def preprocess_file(path: str | Path, config: PreprocessConfig) -> PreprocessedVolume:
+def preprocess_file(path: str | Path, config: PreprocessConfig, *,
+                    raw: bytes | None = None) -> PreprocessedVolume:
     """Load (with every header and voxel check of :func:`load_volume`) and preprocess one file.
+
+    ``raw``: the file's bytes when the caller has read them already (the ingest hashes them
+    first); decoded instead of reading ``path`` again.
 
     Raises:
         QuarantineError: any category of :func:`rankcore.mri.load.load_volume`, or `empty`.
     """
-    data, affine, info = load_volume(path, config)
+    data, affine, info = load_volume(path, config, raw=raw)
+    del raw  # the file's bytes are not needed past decoding
     return _preprocess(data, affine, config, str(info.path), info.orientation)
 
 
