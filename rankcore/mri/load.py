@@ -42,8 +42,14 @@ from nibabel.spatialimages import HeaderDataError
 from rankcore.errors import QuarantineError, ShapeError
 from rankcore.mri.types import PreprocessConfig
 
+try:  # ISA-L's inflate is ~2x faster than zlib's (same streams, same checks)
+    from isal import isal_zlib as _inflate
+except ImportError:  # pragma: no cover - isal is a dependency; zlib is the fallback
+    _inflate = zlib
+
 #: Exceptions nibabel, gzip and numpy raise for files that are not (complete) NIfTI images.
-_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, ValueError)
+_READ_ERRORS = (ImageFileError, HeaderDataError, OSError, EOFError, zlib.error, _inflate.error,
+                ValueError)
 
 #: A voxel-to-world matrix whose condition number exceeds this is treated as singular.
 _MAX_CONDITION = 1e6
@@ -260,14 +266,17 @@ def _gunzip(raw: bytes, need: int) -> bytes:
     after the voxels, as nibabel does, would accept a corrupted tail. Several members and
     zero padding after the last one are accepted, like Python's ``gzip`` module.
 
+    Inflation uses ISA-L (``isal.isal_zlib``, the same API as ``zlib``) when installed.
+
     Raises:
-        zlib.error: a corrupt stream or a failed check. EOFError: the stream ends early.
+        zlib.error (or isal_zlib.error): a corrupt stream or a failed check. EOFError: the
+            stream ends early.
     """
     parts: list[bytes] = []
     got = 0
     data = raw
     while True:
-        d = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip wrapper
+        d = _inflate.decompressobj(16 + _inflate.MAX_WBITS)  # gzip wrapper
         while not d.eof:
             if data:
                 piece = d.decompress(data, need - got if got < need else 1 << 20)
