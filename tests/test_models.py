@@ -57,7 +57,7 @@ def test_shapes_on_asymmetric_volume():
     x = _images(3)
     cfg = BackboneConfig()
     feats = ScaleDense(cfg)(x)
-    assert feats.shape == (3, cfg.stem_channels + sum(cfg.growth))
+    assert feats.shape == (3, cfg.stem_channels + sum(cfg.growth) + cfg.hist_bins)
     m1, m2 = AgeRegressor(cfg), CorrectionRegressor(cfg)
     assert m1(x).shape == (3,)
     assert m2(x, torch.tensor([30.0, 40.0, 50.0])).shape == (3,)
@@ -168,20 +168,43 @@ def _spread_within_bin(model: CorrectionRegressor, x: torch.Tensor, s1: torch.Te
     return float(final.std())
 
 
+#: The reference's backbone (no local normalisation, no histogram, batch norm): there the
+#: image-dependent target below is the mean intensity; with the defaults (which normalise the
+#: mean away) it is the share of dark voxels, which the histogram branch sees.
+REFERENCE = BackboneConfig(local_norm=0, hist_bins=0, norm="batch")
+
+
+def _darkened(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = _images(n, seed=seed)
+    share = torch.linspace(0.05, 0.4, n)
+    for i in range(n):
+        dark = torch.rand(x.shape[2:], generator=g) < share[i]
+        x[i, 0][dark] = -2.5 + 0.1 * x[i, 0][dark]
+    return x, share
+
+
 @pytest.mark.parametrize("bin_width", [None, 5.0])
-def test_stage2_does_not_collapse_onto_stage1_bin(bin_width):
+@pytest.mark.parametrize("backbone", ["reference", "default"])
+def test_stage2_does_not_collapse_onto_stage1_bin(bin_width, backbone):
     """Images that share a stage-1 bin must get different stage-2 outputs (reference defect)."""
     torch.manual_seed(0)
-    model = CorrectionRegressor(cascade=CascadeConfig(bin_width=bin_width))
+    config = REFERENCE if backbone == "reference" else BackboneConfig()
+    model = CorrectionRegressor(config, cascade=CascadeConfig(bin_width=bin_width))
     model.set_age_scale(50.0, 15.0)
-    x = _images(8, seed=3)
+    if backbone == "reference":
+        x = _images(8, seed=3)
+        signal = x.mean(dim=(1, 2, 3, 4))
+    else:
+        x, signal = _darkened(8, seed=3)
+        model.backbone.histogram.set_scale(model.backbone.histogram_counts(x))
     s1 = torch.full((8,), 41.0) if bin_width is None else torch.tensor(
         [40.0, 41.0, 42.0, 39.0, 38.0, 41.5, 40.5, 42.4])
     model.eval()
     with torch.no_grad():
         assert _spread_within_bin(model, x, s1) > 1e-3  # a random stage 2
     # A few training steps towards image-dependent targets keep (and grow) the spread.
-    target = 40.0 + 6.0 * x.mean(dim=(1, 2, 3, 4)) / x.mean(dim=(1, 2, 3, 4)).std()
+    target = 40.0 + 6.0 * (signal - signal.mean()) / signal.std()
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(15):

@@ -148,10 +148,12 @@ def test_cascade_writes_a_complete_model_folder_and_reuses_it(cache, tmp_path, c
     ds = VolumeDataset(cache)
     for key in val_keys:
         i = ds.keys.index(key)
-        ds_rows[key] = (np.asarray(ds.volume(i), np.float32), ds.ages[i], ds.sexes[i])
+        ds_rows[key] = (np.asarray(ds.volume(i), np.float32), ds.ages[i], ds.sexes[i],
+                        ds.sites[i])
     val = SubjectData.from_tensors(np.stack([ds_rows[k][0] for k in val_keys]),
                                    [ds_rows[k][1] for k in val_keys],
-                                   sex=[ds_rows[k][2] for k in val_keys])
+                                   sex=[ds_rows[k][2] for k in val_keys],
+                                   sites=[ds_rows[k][3] for k in val_keys])
     s1 = predict(cascade_model.stage1, val)
     final = predict(cascade_model.stage2, val.with_stage1(s1))
     saved = [r.split(",") for r in

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 
 import numpy as np
 import pytest
@@ -196,12 +197,14 @@ def test_learned_sorter_surrogate(cohort, tmp_path):
 # ---- failures -------------------------------------------------------------------------------
 
 class _PoisonedData(SubjectData):
-    """Serves NaN images once ``poison_after`` batches have been read (a real data fault)."""
+    """Serves NaN images once ``poison_after`` training batches have been read (a real data
+    fault); the reads of the histogram-prior fit before training are not counted."""
 
-    def __init__(self, base: SubjectData, poison_after: int):
+    def __init__(self, base: SubjectData, poison_after: int, training: bool = True):
         super().__init__(base._source, base._rows, base.ages, base.sex, base.participant_ids,
                          base.sites, base.stage1)
-        self.calls, self.poison_after = 0, poison_after
+        prior_reads = math.ceil(len(base) / _cfg().eval_batch_size) if training else 0
+        self.calls, self.poison_after = 0, poison_after + prior_reads
 
     def batch(self, indices, device="cpu"):
         out = super().batch(indices, device)
@@ -231,7 +234,8 @@ def test_nan_validation_predictions_stop_with_training_error(cohort, tmp_path):
     train, val = cohort
     out = tmp_path / "s1"
     with pytest.raises(TrainingError, match=r"validation predictions.*epoch 2") as err:
-        train_stage(1, _cfg(), train, _PoisonedData(val, poison_after=1), out_dir=out)
+        train_stage(1, _cfg(), train, _PoisonedData(val, poison_after=1, training=False),
+                    out_dir=out)
     assert "epoch-0000" in str(err.value)  # the last good checkpoint is named
     assert json.loads((out / "latest.json").read_text())["epoch"] == 0
     assert not (out / "card.json").exists() and not (out / "model.safetensors").exists()

@@ -34,6 +34,7 @@ from rankcore.models.backbone import (
     BackboneConfig,
     ScaleDense,
     SexBranch,
+    SiteInputMixin,
     check_image,
 )
 
@@ -88,21 +89,22 @@ def discretise(age: torch.Tensor, bin_width: float | None) -> torch.Tensor:
     return torch.round(age / bin_width) * bin_width
 
 
-class CorrectionRegressor(AgeScaleMixin, nn.Module):
+class CorrectionRegressor(SiteInputMixin, AgeScaleMixin, nn.Module):
     """Stage 2 of the cascade: (image, sex, stage-1 age) -> refined age in years.
 
     Args:
         config: backbone and head sizes (its own backbone, not shared with stage 1).
         cascade: how the stage-1 estimate is used and how far stage 2 may move it.
 
-    With the default configs this module has 109,375 parameters.
+    With the default configs this module has 110,143 parameters (+32 per known site).
 
     Buffers:
         age_mean, age_std: standardisation of the stage-1 input (set with :meth:`set_age_scale`
             from the training ages, like :class:`AgeRegressor`).
 
     Shapes:
-        forward(image (B, 1, X, Y, Z), stage1 (B,) years, sex (B,) or None) -> final (B,) years.
+        forward(image (B, 1, X, Y, Z), stage1 (B,) years, sex (B,) or None, site (B, S) or
+        None) -> final (B,) years (``site``: see :meth:`AgeRegressor.forward`).
         :meth:`forward_parts` also returns the base (B,) and the correction (B,).
     """
 
@@ -115,7 +117,8 @@ class CorrectionRegressor(AgeScaleMixin, nn.Module):
         self.sex_branch = SexBranch(n_sex) if n_sex > 0 else None
         self.age_branch = nn.Linear(1, self.cascade.age_features)
         self.dropout = nn.Dropout(self.config.dropout)
-        n_in = self.backbone.out_features + n_sex + self.cascade.age_features
+        n_in = (self.backbone.out_features + n_sex + self.cascade.age_features
+                + len(self.config.sites))
         self.head = nn.Sequential(
             nn.Linear(n_in, self.config.head_hidden),
             nn.ELU(),
@@ -129,7 +132,7 @@ class CorrectionRegressor(AgeScaleMixin, nn.Module):
         self.register_buffer("age_std", torch.tensor(20.0))
 
     def forward_parts(self, image: torch.Tensor, stage1: torch.Tensor,
-                      sex: torch.Tensor | None = None
+                      sex: torch.Tensor | None = None, site: torch.Tensor | None = None
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (final, base, correction), each (B,) in years."""
         check_image(image)
@@ -147,6 +150,8 @@ class CorrectionRegressor(AgeScaleMixin, nn.Module):
             parts.append(self.sex_branch(sex))
         s_std = ((base - self.age_mean) / self.age_std)[:, None]
         parts.append(F.elu(self.age_branch(s_std.to(self.age_branch.weight.dtype))))
+        if self.config.sites:
+            parts.append(self._site_part(site, b, parts[0]))
         feats = self.dropout(torch.cat([p.to(parts[0].dtype) for p in parts], dim=1))
         z = self.head(feats)[:, 0].float()
         m = self.cascade.max_correction
@@ -154,8 +159,9 @@ class CorrectionRegressor(AgeScaleMixin, nn.Module):
         return base + correction, base, correction
 
     def forward(self, image: torch.Tensor, stage1: torch.Tensor,
-                sex: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_parts(image, stage1, sex)[0]
+                sex: torch.Tensor | None = None, site: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        return self.forward_parts(image, stage1, sex, site)[0]
 
 
 class Cascade(nn.Module):
@@ -166,7 +172,8 @@ class Cascade(nn.Module):
         stage2: the trained :class:`CorrectionRegressor`.
 
     Shapes:
-        forward(image (B, 1, X, Y, Z), sex (B,) or None) -> (final (B,), stage1 (B,)), years.
+        forward(image (B, 1, X, Y, Z), sex (B,) or None, site (B, S) or None)
+        -> (final (B,), stage1 (B,)), years (both stages must know the same sites).
     """
 
     def __init__(self, stage1: AgeRegressor, stage2: CorrectionRegressor):
@@ -174,7 +181,7 @@ class Cascade(nn.Module):
         self.stage1 = stage1
         self.stage2 = stage2
 
-    def forward(self, image: torch.Tensor, sex: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        s1 = self.stage1(image, sex)
-        return self.stage2(image, s1, sex), s1
+    def forward(self, image: torch.Tensor, sex: torch.Tensor | None = None,
+                site: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        s1 = self.stage1(image, sex, site)
+        return self.stage2(image, s1, sex, site), s1

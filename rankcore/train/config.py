@@ -82,6 +82,10 @@ class TrainConfig:
         l1_weight: L1 term added inside the Spearman surrogate (SoDeep's advice).
         flip: left-right flip augmentation (each training image flipped along the RAS x axis
             with probability 1/2).
+        site_input: give the model the acquisition site (a one-hot input to the head; the
+            sites are those of the training data, recorded in ``backbone.sites``) when the
+            training data come from at least two known sites. Subjects of other sites are
+            predicted with the average site code.
         flip_tta: average the predictions on the image and its left-right mirror at
             validation and prediction time.
         seed: seeds model initialisation, shuffling, flips and dropout.
@@ -117,6 +121,7 @@ class TrainConfig:
     l1_weight: float = 0.0
     flip: bool = True
     flip_tta: bool = False
+    site_input: bool = True
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -153,7 +158,7 @@ class TrainConfig:
         _num(self.rank_weight, "rank_weight")
         _num(self.diff_weight, "diff_weight")
         _num(self.l1_weight, "l1_weight")
-        for name in ("flip", "flip_tta", "amp", "channels_last", "deterministic"):
+        for name in ("flip", "flip_tta", "site_input", "amp", "channels_last", "deterministic"):
             _bool(getattr(self, name), name)
         _int(self.seed, "seed", 0)
         _choice(self.device, "device", DEVICES)

@@ -205,13 +205,16 @@ class SubjectData:
 
         Returns:
             ``image`` (b, 1, X, Y, Z) float32, ``age`` (b,) float32 years (NaN if unknown),
-            ``sex`` (b,) float32 codes, and ``stage1`` (b,) float32 years when attached.
+            ``sex`` (b,) float32 codes, ``stage1`` (b,) float32 years when attached, and
+            ``sites``: the b site labels (a tuple of str, not a tensor; models that take the
+            site turn them into codes, see :func:`rankcore.train.predict.forward_batch`).
         """
         idx = np.asarray(indices, dtype=np.int64)
         out = {
             "image": self._source.get(self._rows[idx]).to(device),
             "age": torch.from_numpy(self.ages[idx].astype(np.float32)).to(device),
             "sex": torch.from_numpy(self.sex[idx]).to(device),
+            "sites": tuple(self.sites[i] for i in idx),
         }
         if self.stage1 is not None:
             out["stage1"] = torch.from_numpy(self.stage1[idx].astype(np.float32)).to(device)

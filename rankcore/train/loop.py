@@ -25,7 +25,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +47,10 @@ from rankcore.train.config import TrainConfig
 from rankcore.train.data import SubjectData, as_subject_data
 from rankcore.train.objective import build_objective, rank_convention
 from rankcore.train.predict import evaluate, flip_lr, forward_batch, predict_sharded
+from rankcore.train.prior import fit_histogram_prior
 from rankcore.train.schedule import Progress
 
-__all__ = ["Report", "StageResult", "resolve_device", "train_stage"]
+__all__ = ["Report", "StageResult", "resolve_device", "train_stage", "with_training_sites"]
 
 log = logging.getLogger("rankcore.train")
 
@@ -152,6 +153,17 @@ def _validate(stage: int, config: TrainConfig, train: SubjectData, val: SubjectD
                                  "cross_fit_stage1 for the training data)")
 
 
+def with_training_sites(config: TrainConfig, train: SubjectData) -> TrainConfig:
+    """``config`` with ``backbone.sites`` set to the training data's sites (sorted) when
+    ``site_input`` is on, no sites were given, and the data come from >= 2 known sites."""
+    if not config.site_input or config.backbone.sites:
+        return config
+    sites = tuple(sorted({s for s in train.sites if s and s != "n/a"}))
+    if len(sites) < 2:
+        return config
+    return config.replace(backbone=replace(config.backbone, sites=sites))
+
+
 def _prepare_out_dir(out_dir: Path, resume: bool | str | Path, is_main: bool) -> bool:
     """Check ``out_dir``; create it on the main rank. Returns True if it was created here."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -198,6 +210,7 @@ def train_stage(stage: int, config: TrainConfig | dict[str, Any], train_data: An
     train = as_subject_data(train_data, "train_data")
     val = None if val_data is None else as_subject_data(val_data, "val_data")
     _validate(stage, config, train, val, world)
+    config = with_training_sites(config, train)
     objective = build_objective(config)
     device = resolve_device(config.device)
     rank, world_size = (0, 1) if world is None else (world.rank, world.world_size)
@@ -229,6 +242,7 @@ def _run(stage, config, train, val, objective, device, out_dir, report, world, r
         model = model.to(memory_format=torch.channels_last_3d)
     optimizer = _make_optimizer(config, list(model.parameters()), device)
     objective = objective.to(device)
+    prior_info: dict[str, Any] = {}
     progress, history, start_epoch = Progress.start(config), [], 0
     best_state: dict[str, torch.Tensor] | None = None
     resumes: list[int] = []
@@ -248,6 +262,8 @@ def _run(stage, config, train, val, objective, device, out_dir, report, world, r
         if progress.should_stop(config, val is not None):  # it had stopped early already
             start_epoch = config.epochs
 
+    if ckpt is None:  # a resumed model has its prior in its buffers already
+        prior_info = fit_histogram_prior(model, train, device, config.eval_batch_size)
     net = model if world is None else world.wrap_model(model)
     base_card = {
         "stage": stage, "model": type(model).__name__, "train_config": config.to_dict(),
@@ -256,7 +272,7 @@ def _run(stage, config, train, val, objective, device, out_dir, report, world, r
         "n_train": len(train), "n_val": 0 if val is None else len(val),
         "train_ids": list(train.participant_ids),
         "val_ids": [] if val is None else list(val.participant_ids),
-        "world_size": world_size, "resumes": resumes,
+        "world_size": world_size, "resumes": resumes, "histogram_prior": prior_info,
         "age_scale": {"mean": float(model.age_mean), "std": float(model.age_std)},
     }
     local = config.batch_size // world_size

@@ -41,12 +41,16 @@ def forward_batch(model: nn.Module, batch: dict[str, torch.Tensor],
     ``image`` overrides ``batch["image"]`` (for flipped or channels-last copies).
     """
     image = batch["image"] if image is None else image
+    core = getattr(model, "module", model)  # DDP keeps the model in .module
+    site = None
+    if getattr(core, "config", None) is not None and core.config.sites:
+        site = core.site_codes(batch.get("sites", ("n/a",) * len(image)), image.device)
     if _is_stage2(model):
         if "stage1" not in batch:
             raise InputError("stage 2 needs stage-1 estimates: attach them with "
                              "SubjectData.with_stage1 (out-of-fold predictions for training)")
-        return model(image, batch["stage1"], batch["sex"])
-    return model(image, batch["sex"])
+        return model(image, batch["stage1"], batch["sex"], site)
+    return model(image, batch["sex"], site)
 
 
 @torch.no_grad()
