@@ -95,9 +95,14 @@ def prepare(work: Path, seed: int, n_train: int, n_test: int) -> Path:
 def _run_paths(work: str | Path, seed: int, name: str, changes: dict[str, Any],
                k_folds: int) -> tuple[dict[str, Any], Path, Path]:
     """(config, model folder, report folder) of one run; the folders are named by the config."""
+    from rankcore.train.cascade_plan import default_config
+
     config = {"seed": seed, **CONFIGS[name], **changes}
-    tag = hashlib.sha256(json.dumps([config, k_folds, name == "insample"],
-                                    sort_keys=True).encode()).hexdigest()[:10]
+    # The tag covers the resolved config (library defaults included), so a run made before a
+    # default changed is not reused for the new default.
+    resolved = default_config(**config).to_dict()
+    tag = hashlib.sha256(json.dumps([resolved, k_folds, name == "insample"],
+                                    sort_keys=True, default=str).encode()).hexdigest()[:10]
     model_dir = Path(work) / "models" / f"s{seed}-{name}-{tag}"
     return config, model_dir, Path(work) / "reports" / model_dir.name
 

@@ -5,8 +5,9 @@ test: it prints Markdown tables (paste them into the README). In one run:
 
 1. CPU, default model and grid (80, 96, 80), the default batch (16): samples/s per worker for
    stage 1 and stage 2 — one training step is forward + BrainAgeLoss (soft PAV Spearman) +
-   backward + fused Adam(amsgrad) step, exactly what rankcore.train.loop runs per batch — and
-   forward-only (validation / prediction) samples/s.
+   backward + fused Adam(amsgrad) step, exactly what rankcore.train.loop runs per batch (with
+   the histogram-branch counts it caches per subject) — and forward-only (validation /
+   prediction, histogram counts included) samples/s.
 2. The ranking terms' share of a stage-1 step, for each surrogate (soft PAV, soft pairwise,
    every shipped sorter that can rank the batch, none): the time of
    ``rank_term(pred, target) + diff_weight · Ld`` forward + backward on the batch's
@@ -79,14 +80,19 @@ def stage_speed(stage: int, config: TrainConfig, shape: tuple[int, int, int], st
         opt = torch.optim.Adam(model.parameters(), **kwargs)
     objective = build_objective(config).to(device)
     image, age, sex, stage1 = _batch(config.batch_size, shape, device)
+    # Training reuses each subject's histogram-branch counts (computed once, see
+    # rankcore.train.data); prediction computes them, once per subject.
+    counts = (model.backbone.histogram_counts(image)
+              if model.backbone.histogram is not None else None)
 
-    def forward():
+    def forward(hist_counts=None):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            out = model(image, sex) if stage == 1 else model(image, stage1, sex)
+            out = (model(image, sex, None, hist_counts) if stage == 1
+                   else model(image, stage1, sex, None, hist_counts))
         return out.float()
 
     def step():
-        total, _ = objective(forward(), age)
+        total, _ = objective(forward(counts), age)
         opt.zero_grad(set_to_none=True)
         total.backward()
         opt.step()

@@ -103,11 +103,71 @@ def test_ridge_gcv_recovers_weights_and_shrinks_noise():
 
 def test_config_validation_and_round_trip():
     for bad in ({"local_norm": 4}, {"local_norm": 1}, {"hist_bins": 1}, {"sites": ("a", "a")},
-                {"sites": "ab"}, {"sites": ("a", "")}):
+                {"sites": "ab"}, {"sites": ("a", "")}, {"hist_pool": 0}, {"hist_window": 4},
+                {"hist_window": 1}, {"hist_pool": True}):
         with pytest.raises(InputError):
             BackboneConfig(**bad)
-    c = BackboneConfig(local_norm=7, hist_bins=16, sites=("s1", "s2"))
+    c = BackboneConfig(local_norm=7, hist_bins=16, hist_pool=2, hist_window=5,
+                       sites=("s1", "s2"))
     assert BackboneConfig.from_dict(c.to_dict()) == c
+
+
+def test_config_saved_before_the_histogram_grid_keeps_its_histogram():
+    old = BackboneConfig(input_pool=2, local_norm=5).to_dict()
+    del old["hist_pool"], old["hist_window"]
+    c = BackboneConfig.from_dict(old)
+    assert (c.hist_pool, c.hist_window) == (2, 5)
+    m = AgeRegressor(BackboneConfig(growth=(4,), input_pool=2, local_norm=5, hist_pool=2,
+                                    hist_window=5))
+    x = _brain(2)
+    # the legacy layout reads the CNN's pooled, normalised input: same counts either way
+    torch.testing.assert_close(m.backbone.histogram_counts(x),
+                               m.backbone.histogram.counts(
+                                   m.backbone.local_norm(m.backbone.input_pool(x))))
+
+
+def test_histogram_on_its_own_grid_is_flip_invariant_and_can_be_passed_in():
+    cfg = BackboneConfig(growth=(4,), input_pool=2, local_norm=3, hist_pool=1, hist_window=5,
+                         hist_bins=12)
+    m = AgeRegressor(cfg).eval()
+    x = _brain(3, seed=4) * (1 + torch.linspace(0, 1, SHAPE[0]))[None, None, :, None, None]
+    counts = m.backbone.histogram_counts(x)
+    assert counts.shape == (3, 12)
+    # computed on the full grid (hist_pool 1), not on the CNN's pooled input
+    pooled = m.backbone.histogram.counts(LocalContrastNorm(5)(F.avg_pool3d(x, 2, ceil_mode=True)))
+    assert not torch.allclose(counts, pooled, atol=1e-3)
+    torch.testing.assert_close(m.backbone.histogram_counts(x.flip(2)), counts, atol=1e-4, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x, None, None, counts), m(x))
+        with pytest.raises(ShapeError):
+            m(x, None, None, counts[:, :5])
+
+
+def test_batches_carry_histogram_counts_computed_once_per_subject(monkeypatch):
+    cfg = BackboneConfig(growth=(4,), local_norm=3, hist_pool=1, hist_window=5, hist_bins=8)
+    s1, s2 = AgeRegressor(cfg), CorrectionRegressor(cfg)
+    data = _hist_data(10, 5)
+    calls = []
+    real = type(s1.backbone).histogram_counts
+
+    def counting(self, image):
+        calls.append(len(image))
+        return real(self, image)
+
+    monkeypatch.setattr(type(s1.backbone), "histogram_counts", counting)
+    b = data.batch(np.array([3, 1, 4]), model=s1)
+    torch.testing.assert_close(b["hist_counts"], real(s1.backbone, b["image"]))
+    assert "hist_counts" not in data.batch(np.array([3]))
+    # a view (fold, stage-2 data) and the other stage reuse them; only new subjects count
+    view = data.subset(np.array([1, 3, 4, 9])).with_stage1(np.full(4, 50.0))
+    b2 = view.batch(np.array([0, 1, 2, 3]), model=s2)
+    assert calls == [3, 1]
+    torch.testing.assert_close(b2["hist_counts"][:3], b["hist_counts"][[1, 0, 2]])
+    # a histogram of another configuration is computed for itself
+    other = AgeRegressor(BackboneConfig(growth=(4,), local_norm=3, hist_pool=1, hist_window=3,
+                                        hist_bins=8))
+    data.batch(np.array([3]), model=other)
+    assert calls == [3, 1, 1]
 
 
 def test_site_codes_and_shape_checks():
@@ -168,3 +228,76 @@ def test_training_records_sites_and_prior_and_reloads(tmp_path):
     assert res.card["histogram_prior"]["n"] == 32
     loaded, _ = load_stage_model(tmp_path / "s1")
     np.testing.assert_allclose(predict(loaded, val), predict(res.model, val), rtol=1e-5)
+
+
+def test_cascade_computes_the_shared_histogram_once(monkeypatch):
+    from rankcore.models import Cascade
+
+    cfg = BackboneConfig(growth=(4,), local_norm=3, hist_pool=1, hist_window=5, hist_bins=8)
+    s1, s2 = AgeRegressor(cfg).eval(), CorrectionRegressor(cfg).eval()
+    x = _brain(2, seed=6)
+    with torch.no_grad():
+        ref1 = s1(x)
+        ref2 = s2(x, ref1)
+        calls = []
+        real = type(s1.backbone).histogram_counts
+        monkeypatch.setattr(type(s1.backbone), "histogram_counts",
+                            lambda self, image: calls.append(1) or real(self, image))
+        final, first = Cascade(s1, s2)(x)
+    assert len(calls) == 1
+    torch.testing.assert_close(first, ref1)
+    torch.testing.assert_close(final, ref2)
+
+
+def test_site_priors_blend_toward_each_sites_own_fit_and_keep_small_sites_pooled():
+    from rankcore.train.prior import MIN_SITE_SUBJECTS, fit_site_priors, ridge_loo
+
+    rng = np.random.default_rng(0)
+    n, p = 240, 6
+    hist = rng.normal(size=(n, p))
+    # sites 0 and 1 share the subjects; site 2 has too few for a fit of its own
+    site = np.where(np.arange(n) < MIN_SITE_SUBJECTS - 1, 2, np.arange(n) % 2)
+    codes = np.eye(3)[site]
+    # the same histogram means different ages at sites 0 and 1
+    true_w = np.array([[1.0, 0.5, 0, 0, 0, 0], [0, 0, 1.0, -0.5, 0, 0], [1.0, 0.5, 0, 0, 0, 0]])
+    y = np.einsum("np,np->n", hist, true_w[site]) + 0.1 * rng.normal(size=n)
+    weights, biases, info = fit_site_priors(hist, codes, y)
+    assert weights.shape == (3, p) and biases.shape == (3,)
+    for k in (0, 1):
+        assert info["sites"][k]["weight"] > 0.8
+        rows = site == k
+        err = np.abs(hist[rows] @ weights[k] + biases[k] - y[rows]).mean()
+        assert err < 0.2
+    assert info["sites"][2]["n"] < MIN_SITE_SUBJECTS and info["sites"][2]["weight"] == 0.0
+    pooled, _, _ = fit_site_priors(hist, codes, y, per_site=False)
+    np.testing.assert_allclose(weights[2], pooled[2])
+    np.testing.assert_allclose(pooled[0], pooled[1])  # one pooled slope, per-site intercepts
+    # exact leave-one-out residuals
+    _, _, alpha, _, loo = ridge_loo(hist[:30], y[:30])
+    keep = np.arange(1, 30)
+    x0, y0 = hist[keep], y[keep]
+    xm, ym = x0.mean(0), y0.mean()
+    w0 = np.linalg.solve((x0 - xm).T @ (x0 - xm) + alpha * np.eye(p), (x0 - xm).T @ (y0 - ym))
+    np.testing.assert_allclose(loo[0], y[0] - (ym + (hist[0] - xm) @ w0), rtol=1e-8)
+
+
+def test_prior_rows_follow_the_site_code_and_old_pooled_weights_load():
+    cfg = BackboneConfig(growth=(4,), hist_bins=4, sites=("a", "b"))
+    m = AgeRegressor(cfg)
+    with torch.no_grad():
+        m.prior_weight.copy_(torch.tensor([[1.0, 0, 0, 0], [0, 2.0, 0, 0]]))
+        m.prior_bias.copy_(torch.tensor([0.5, -0.5]))
+    h = torch.tensor([[1.0, 1.0, 0, 0]])
+    torch.testing.assert_close(m.prior(h, m.site_codes(["a"])), torch.tensor([1.5]))
+    torch.testing.assert_close(m.prior(h, m.site_codes(["b"])), torch.tensor([1.5]))
+    torch.testing.assert_close(m.prior(2 * h, m.site_codes(["zz"])), torch.tensor([3.0]))
+    # weights saved when the prior was one pooled model: (bins + sites,) and a scalar bias
+    state = m.state_dict()
+    state["prior_weight"] = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0, 20.0])
+    state["prior_bias"] = torch.tensor(0.5)
+    m2 = AgeRegressor(cfg)
+    m2.load_state_dict(state)
+    x = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    for name, intercept in (("a", 10.0), ("b", 20.0)):
+        torch.testing.assert_close(m2.prior(x, m2.site_codes([name])),
+                                   torch.tensor([4.0 + intercept + 0.5]))

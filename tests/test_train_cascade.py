@@ -205,8 +205,8 @@ def test_nan_in_a_fold_leaves_model_dir_untouched_and_a_rerun_resumes(
     original = SubjectData.batch
     poison = {"on": False}
 
-    def batch(self, indices, device="cpu"):
-        out = original(self, indices, device)
+    def batch(self, indices, device="cpu", model=None):
+        out = original(self, indices, device, model)
         if poison["on"]:
             out["image"] = torch.full_like(out["image"], float("nan"))
         return out

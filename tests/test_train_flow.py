@@ -134,8 +134,8 @@ def test_nan_loss_exits_2_and_keeps_the_last_good_checkpoint(prefect_server, cac
                                                               capsys, monkeypatch):
     original = SubjectData.batch
 
-    def batch(self, indices, device="cpu"):
-        out = original(self, indices, device)
+    def batch(self, indices, device="cpu", model=None):
+        out = original(self, indices, device, model)
         if list(tmp_path.glob("model.tmp-*/crossfit/fold-0/latest.json")):
             # NaN images from the first batch after fold-0's first epoch checkpoint on
             out["image"] = torch.full_like(out["image"], float("nan"))

@@ -206,8 +206,8 @@ class _PoisonedData(SubjectData):
         prior_reads = math.ceil(len(base) / _cfg().eval_batch_size) if training else 0
         self.calls, self.poison_after = 0, poison_after + prior_reads
 
-    def batch(self, indices, device="cpu"):
-        out = super().batch(indices, device)
+    def batch(self, indices, device="cpu", model=None):
+        out = super().batch(indices, device, model)
         self.calls += 1
         if self.calls > self.poison_after:
             out["image"] = torch.full_like(out["image"], float("nan"))

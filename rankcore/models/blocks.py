@@ -229,5 +229,9 @@ class IntensityHistogram(nn.Module):
         self.mean.copy_(counts.mean(dim=0))
         self.std.copy_(counts.std(dim=0).clamp_min(1e-3))
 
+    def standardise(self, counts: torch.Tensor) -> torch.Tensor:
+        """Counts (B, bins) from :meth:`counts`, standardised with ``mean`` and ``std``."""
+        return (counts.to(self.mean) - self.mean) / self.std
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (self.counts(x) - self.mean) / self.std
+        return self.standardise(self.counts(x))

@@ -104,7 +104,8 @@ class CorrectionRegressor(SiteInputMixin, AgeScaleMixin, nn.Module):
 
     Shapes:
         forward(image (B, 1, X, Y, Z), stage1 (B,) years, sex (B,) or None, site (B, S) or
-        None) -> final (B,) years (``site``: see :meth:`AgeRegressor.forward`).
+        None, hist_counts (B, hist_bins) or None) -> final (B,) years (``site`` and
+        ``hist_counts``: see :class:`AgeRegressor`).
         :meth:`forward_parts` also returns the base (B,) and the correction (B,).
     """
 
@@ -132,16 +133,19 @@ class CorrectionRegressor(SiteInputMixin, AgeScaleMixin, nn.Module):
         self.register_buffer("age_std", torch.tensor(20.0))
 
     def forward_parts(self, image: torch.Tensor, stage1: torch.Tensor,
-                      sex: torch.Tensor | None = None, site: torch.Tensor | None = None
+                      sex: torch.Tensor | None = None, site: torch.Tensor | None = None,
+                      hist_counts: torch.Tensor | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (final, base, correction), each (B,) in years."""
+        """Return (final, base, correction), each (B,) in years (``hist_counts``: the
+        image's histogram-branch counts when already computed, see
+        :meth:`~rankcore.models.backbone.ScaleDense.forward`)."""
         check_image(image)
         b = image.shape[0]
         if not isinstance(stage1, torch.Tensor) or stage1.shape != (b,):
             got = tuple(stage1.shape) if isinstance(stage1, torch.Tensor) else type(stage1)
             raise ShapeError(f"`stage1` must have shape ({b},), got {got}")
         base = discretise(stage1.to(self.age_mean.dtype), self.cascade.bin_width)
-        parts = [self.backbone(image)]
+        parts = [self.backbone(image, hist_counts)]
         if self.sex_branch is not None:
             if sex is None:
                 sex = torch.zeros(b, device=image.device)
@@ -159,9 +163,9 @@ class CorrectionRegressor(SiteInputMixin, AgeScaleMixin, nn.Module):
         return base + correction, base, correction
 
     def forward(self, image: torch.Tensor, stage1: torch.Tensor,
-                sex: torch.Tensor | None = None, site: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        return self.forward_parts(image, stage1, sex, site)[0]
+                sex: torch.Tensor | None = None, site: torch.Tensor | None = None,
+                hist_counts: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_parts(image, stage1, sex, site, hist_counts)[0]
 
 
 class Cascade(nn.Module):
@@ -173,7 +177,8 @@ class Cascade(nn.Module):
 
     Shapes:
         forward(image (B, 1, X, Y, Z), sex (B,) or None, site (B, S) or None)
-        -> (final (B,), stage1 (B,)), years (both stages must know the same sites).
+        -> (final (B,), stage1 (B,)), years (both stages must know the same sites). When both
+        stages read the same histogram (same ``histogram_key``) it is computed once.
     """
 
     def __init__(self, stage1: AgeRegressor, stage2: CorrectionRegressor):
@@ -183,5 +188,11 @@ class Cascade(nn.Module):
 
     def forward(self, image: torch.Tensor, sex: torch.Tensor | None = None,
                 site: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        s1 = self.stage1(image, sex, site)
-        return self.stage2(image, s1, sex, site), s1
+        b1, b2 = self.stage1.backbone, self.stage2.backbone
+        counts = None  # computed once when both stages read the same histogram
+        if b1.histogram is not None and b2.histogram is not None \
+                and b1.histogram_key() == b2.histogram_key():
+            check_image(image)
+            counts = b1.histogram_counts(image)
+        s1 = self.stage1(image, sex, site, counts)
+        return self.stage2(image, s1, sex, site, counts), s1

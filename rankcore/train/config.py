@@ -86,6 +86,9 @@ class TrainConfig:
             sites are those of the training data, recorded in ``backbone.sites``) when the
             training data come from at least two known sites. Subjects of other sites are
             predicted with the average site code.
+        site_prior: with site input, give each site its own histogram prior, blended with the
+            pooled one by leave-one-out error (:func:`rankcore.train.prior.fit_site_priors`);
+            False keeps one pooled prior with a per-site intercept.
         flip_tta: average the predictions on the image and its left-right mirror at
             validation and prediction time.
         seed: seeds model initialisation, shuffling, flips and dropout.
@@ -122,6 +125,7 @@ class TrainConfig:
     flip: bool = True
     flip_tta: bool = False
     site_input: bool = True
+    site_prior: bool = True
     seed: int = 0
     device: str = "auto"
     amp: bool = True
@@ -158,7 +162,8 @@ class TrainConfig:
         _num(self.rank_weight, "rank_weight")
         _num(self.diff_weight, "diff_weight")
         _num(self.l1_weight, "l1_weight")
-        for name in ("flip", "flip_tta", "site_input", "amp", "channels_last", "deterministic"):
+        for name in ("flip", "flip_tta", "site_input", "site_prior", "amp", "channels_last",
+                     "deterministic"):
             _bool(getattr(self, name), name)
         _int(self.seed, "seed", 0)
         _choice(self.device, "device", DEVICES)

@@ -9,6 +9,12 @@
 
 ``subset`` and ``with_stage1`` return new views without copying images, which is how the
 cross-fitting folds and stage 2's inputs are made. Sex is coded +1 (M), -1 (F), 0 (unknown).
+
+A model's histogram-branch counts (:meth:`rankcore.models.backbone.ScaleDense.histogram_counts`)
+depend only on the image, are gradient-free and do not change under the left-right flip of
+the augmentation, so :meth:`SubjectData.batch` computes them once per subject and keeps them
+with the images (shared by every view): the cross-fitting folds, stage 2 and every epoch
+reuse them.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import nn
 
 from rankcore.errors import InputError, ShapeError
 
@@ -52,11 +59,38 @@ def encode_sex(values: Any, n: int) -> np.ndarray:
     return codes
 
 
+class _HistogramMemo:
+    """Histogram-branch counts of a source's images, per histogram configuration."""
+
+    def __init__(self) -> None:
+        self._counts: dict[tuple[Any, ...], tuple[torch.Tensor, np.ndarray]] = {}
+
+    def get(self, backbone: nn.Module, n_source: int, rows: np.ndarray,
+            images: torch.Tensor) -> torch.Tensor:
+        """Counts (b, bins) of the images at source ``rows`` (``images``, in that order),
+        computing only those not seen before."""
+        key = backbone.histogram_key()
+        if key not in self._counts:
+            self._counts[key] = (torch.zeros(n_source, backbone.histogram.bins),
+                                 np.zeros(n_source, dtype=bool))
+        counts, done = self._counts[key]
+        todo = np.flatnonzero(~done[rows])
+        if len(todo):
+            fresh = backbone.histogram_counts(images[torch.from_numpy(todo).to(images.device)])
+            counts[torch.from_numpy(rows[todo])] = fresh.float().cpu()
+            done[rows[todo]] = True
+        return counts[torch.from_numpy(rows)].to(images.device)
+
+
 class _TensorSource:
     """Images held in one (N, 1, X, Y, Z) tensor (any float dtype; float32 on the way out)."""
 
     def __init__(self, images: torch.Tensor):
         self.images = images
+        self.histograms = _HistogramMemo()
+
+    def __len__(self) -> int:
+        return len(self.images)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -72,6 +106,10 @@ class _DatasetSource:
     def __init__(self, dataset: Any):
         self.dataset = dataset
         self._shape: tuple[int, int, int] | None = None
+        self.histograms = _HistogramMemo()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -199,25 +237,39 @@ class SubjectData:
         return SubjectData(self._source, self._rows, self.ages, self.sex,
                            self.participant_ids, self.sites, s1)
 
-    def batch(self, indices: np.ndarray, device: torch.device | str = "cpu"
-              ) -> dict[str, torch.Tensor]:
+    def batch(self, indices: np.ndarray, device: torch.device | str = "cpu",
+              model: nn.Module | None = None) -> dict[str, torch.Tensor]:
         """Tensors of the subjects at ``indices``, on ``device``.
+
+        Args:
+            indices: positions in this data.
+            device: where the tensors go.
+            model: a stage model (or its DDP wrapper); when its backbone has a histogram
+                branch the batch carries that branch's counts, computed once per subject
+                (see the module doc).
 
         Returns:
             ``image`` (b, 1, X, Y, Z) float32, ``age`` (b,) float32 years (NaN if unknown),
-            ``sex`` (b,) float32 codes, ``stage1`` (b,) float32 years when attached, and
+            ``sex`` (b,) float32 codes, ``stage1`` (b,) float32 years when attached,
+            ``hist_counts`` (b, bins) float32 when ``model`` has a histogram branch, and
             ``sites``: the b site labels (a tuple of str, not a tensor; models that take the
             site turn them into codes, see :func:`rankcore.train.predict.forward_batch`).
         """
         idx = np.asarray(indices, dtype=np.int64)
+        rows = self._rows[idx]
+        image = self._source.get(rows).to(device)
         out = {
-            "image": self._source.get(self._rows[idx]).to(device),
+            "image": image,
             "age": torch.from_numpy(self.ages[idx].astype(np.float32)).to(device),
             "sex": torch.from_numpy(self.sex[idx]).to(device),
             "sites": tuple(self.sites[i] for i in idx),
         }
         if self.stage1 is not None:
             out["stage1"] = torch.from_numpy(self.stage1[idx].astype(np.float32)).to(device)
+        backbone = getattr(getattr(model, "module", model), "backbone", None)
+        if getattr(backbone, "histogram", None) is not None:
+            out["hist_counts"] = self._source.histograms.get(backbone, len(self._source),
+                                                             rows, image)
         return out
 
     def require_ages(self, name: str) -> None:

@@ -263,7 +263,8 @@ def _run(stage, config, train, val, objective, device, out_dir, report, world, r
             start_epoch = config.epochs
 
     if ckpt is None:  # a resumed model has its prior in its buffers already
-        prior_info = fit_histogram_prior(model, train, device, config.eval_batch_size)
+        prior_info = fit_histogram_prior(model, train, device, config.eval_batch_size,
+                                         per_site=config.site_prior)
     net = model if world is None else world.wrap_model(model)
     base_card = {
         "stage": stage, "model": type(model).__name__, "train_config": config.to_dict(),
@@ -293,7 +294,7 @@ def _run(stage, config, train, val, objective, device, out_dir, report, world, r
         for step in range(n_steps):
             glob = order[step * config.batch_size:(step + 1) * config.batch_size]
             mine = glob[rank * local:(rank + 1) * local]
-            batch = train.batch(mine, device)
+            batch = train.batch(mine, device, net)
             image = flip_lr(batch["image"], torch.from_numpy(flips[mine]).to(device))
             if config.channels_last:
                 image = image.contiguous(memory_format=torch.channels_last_3d)

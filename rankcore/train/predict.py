@@ -38,19 +38,21 @@ def forward_batch(model: nn.Module, batch: dict[str, torch.Tensor],
                   image: torch.Tensor | None = None) -> torch.Tensor:
     """Predicted ages (B,) in years for a batch from :meth:`SubjectData.batch`.
 
-    ``image`` overrides ``batch["image"]`` (for flipped or channels-last copies).
+    ``image`` overrides ``batch["image"]`` (for flipped or channels-last copies; the batch's
+    ``hist_counts``, when present, hold for those too: a flip does not change them).
     """
     image = batch["image"] if image is None else image
     core = getattr(model, "module", model)  # DDP keeps the model in .module
     site = None
     if getattr(core, "config", None) is not None and core.config.sites:
         site = core.site_codes(batch.get("sites", ("n/a",) * len(image)), image.device)
+    extra = {"hist_counts": batch["hist_counts"]} if "hist_counts" in batch else {}
     if _is_stage2(model):
         if "stage1" not in batch:
             raise InputError("stage 2 needs stage-1 estimates: attach them with "
                              "SubjectData.with_stage1 (out-of-fold predictions for training)")
-        return model(image, batch["stage1"], batch["sex"], site)
-    return model(image, batch["sex"], site)
+        return model(image, batch["stage1"], batch["sex"], site, **extra)
+    return model(image, batch["sex"], site, **extra)
 
 
 @torch.no_grad()
@@ -74,7 +76,7 @@ def predict(model: nn.Module, data: SubjectData, *, batch_size: int = 32,
     out = []
     try:
         for start in range(0, len(idx), batch_size):
-            batch = data.batch(idx[start:start + batch_size], device)
+            batch = data.batch(idx[start:start + batch_size], device, model)
             image = batch["image"]
             if channels_last:
                 image = image.contiguous(memory_format=torch.channels_last_3d)
