@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pickle
+
 import numpy as np
 import pytest
 import torch
@@ -168,6 +170,10 @@ def test_batches_carry_histogram_counts_computed_once_per_subject(monkeypatch):
                                         hist_bins=8))
     data.batch(np.array([3]), model=other)
     assert calls == [3, 1, 1]
+    # a pickled copy (a Ray worker's) starts with an empty memo of its own
+    copy = pickle.loads(pickle.dumps(data))
+    copy.batch(np.array([3, 1]), model=s1)
+    assert calls == [3, 1, 1, 2]
 
 
 def test_site_codes_and_shape_checks():

@@ -65,6 +65,14 @@ class _HistogramMemo:
     def __init__(self) -> None:
         self._counts: dict[tuple[Any, ...], tuple[torch.Tensor, np.ndarray]] = {}
 
+    # Each process keeps its own: a copy sent to a Ray worker starts empty (arrays unpickled
+    # from Ray's object store are read-only, and the counts are cheap to redo once).
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._counts = {}
+
     def get(self, backbone: nn.Module, n_source: int, rows: np.ndarray,
             images: torch.Tensor) -> torch.Tensor:
         """Counts (b, bins) of the images at source ``rows`` (``images``, in that order),
