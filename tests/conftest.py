@@ -45,6 +45,18 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture
+def one_torch_thread():
+    """One intra-op torch thread during the test: tiny models only lose from threading on a
+    shared 2-core machine (modules opt in with ``pytest.mark.usefixtures``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def session_root() -> Path:
     """The temporary folder that holds this test session's HOME, PREFECT_HOME and caches."""

@@ -25,13 +25,7 @@ from rankcore.models.blocks import AsymConv3d
 SHAPE = (18, 22, 14)  # asymmetric, so a swapped axis cannot pass
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: tiny convolutions only lose from threading on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _images(n: int, seed: int = 0, shape=SHAPE) -> torch.Tensor:

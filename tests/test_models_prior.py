@@ -22,12 +22,7 @@ from rankcore.train.prior import fit_histogram_prior, ridge_gcv
 SHAPE = (20, 24, 20)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _brain(n: int, seed: int = 0) -> torch.Tensor:

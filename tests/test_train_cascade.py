@@ -22,12 +22,7 @@ from rankcore.train.split import cache_data_digest, stratified_split, training_s
 CFG = {"epochs": 2, "batch_size": 4, "lr": 3e-3, "backbone": {"growth": [4, 8]}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
