@@ -50,7 +50,7 @@ log = logging.getLogger("rankcore.train")
 TERMS = ("regression", "rank", "diff")
 
 #: Global batches of initial predictions that :func:`prepare_rank_weight` calibrates on.
-CALIBRATION_BATCHES = 8
+CALIBRATION_BATCHES = 16
 
 
 def gradient_norms(objective: BrainAgeLoss, terms: Mapping[str, torch.Tensor],
