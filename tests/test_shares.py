@@ -257,3 +257,22 @@ def test_epoch_shares_from_means():
                         "train_gnorm_diff": 0.0}, objective)
     assert out == {"train_share_regression": 0.75, "train_share_rank": 0.25,
                    "train_share_diff": 0.0, "rank_weight": 2.0, "diff_weight": 0.0}
+
+
+def test_resume_keeps_the_calibrated_weight(cohort, tmp_path):
+    train, val = cohort
+    cfg = _cfg(epochs=3, rank_share=0.2)
+    full = train_stage(1, cfg, train, val, out_dir=tmp_path / "full")
+
+    def crash_after_first_epoch(metrics, path):
+        if metrics["epoch"] == 0:
+            raise KeyboardInterrupt  # stands for a killed worker
+
+    with pytest.raises(KeyboardInterrupt):
+        train_stage(1, cfg, train, val, out_dir=tmp_path / "cut", report=crash_after_first_epoch)
+    resumed = train_stage(1, cfg, train, val, out_dir=tmp_path / "cut", resume=True)
+    # recalibrating on the epoch-0 model would give another weight, and other weights
+    assert resumed.card["objective"] == full.card["objective"]
+    assert [m["rank_weight"] for m in resumed.history] == [m["rank_weight"] for m in full.history]
+    state, ref = resumed.model.state_dict(), full.model.state_dict()
+    assert all(torch.equal(state[k], ref[k]) for k in ref)
