@@ -17,6 +17,7 @@ Formulas (e = pred − target, N per sequence, ranks R ascending and fractional)
   Ld = 2·var(e) with the unbiased variance: O(N) instead of O(N²).
 * ranking loss, eq. (8): Lr = Σ_i (R(ŷi) − R(yi))² = N(N² − 1)/6 · (1 − rr) without ties.
 * Spearman surrogate (SoDeep): MSE(sorter(ŷ), (N + 1 − R(y))/N) + λ_L1 · L1(ŷ, y).
+* objective (:class:`BrainAgeLoss`): regression + w_rank · S + w_diff · Ld, weights independent.
 """
 
 from __future__ import annotations
