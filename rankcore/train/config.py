@@ -20,10 +20,12 @@ __all__ = ["DEFAULT_RANK_WEIGHT", "LR_SCHEDULES", "OBJECTIVE_PRESETS", "OPTIMIZE
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("cosine", "plateau", "none")
 RANK_LOSSES = ("sorter", "soft", "none")
+DEVICES = ("auto", "cpu", "cuda")
 
-#: w_rank of the default objective: the weight at which the default surrogate (soft pairwise
+#: w_rank of the default objective, chosen so that the default surrogate (soft pairwise
 #: Spearman, strength 0.05) carries about a tenth of the summed gradient norms next to the MSE
-#: on a batch of 16 with prediction errors of SD 6 y (benchmarks/bench_shares.py prints it).
+#: on a batch of 16 with prediction errors of SD 6 y (benchmarks/bench_shares.py measures it).
+#: The share grows as the errors shrink; ``rank_share`` holds it at a target instead.
 DEFAULT_RANK_WEIGHT = 250.0
 
 #: The weights each objective preset gives ``rank_weight`` and ``diff_weight`` when they are
@@ -32,7 +34,6 @@ OBJECTIVE_PRESETS: dict[str, dict[str, float]] = {
     "default": {"rank_weight": DEFAULT_RANK_WEIGHT, "diff_weight": 0.0},
     "reference": {"rank_weight": 10.0, "diff_weight": 10.0},
 }
-DEVICES = ("auto", "cpu", "cuda")
 
 
 def _int(value: Any, name: str, minimum: int) -> int:
