@@ -229,6 +229,18 @@ def test_rank_share_calibrates_once_and_is_recorded(cohort, tmp_path):
     assert 0.05 < first < 0.8  # near the target; training moves it
 
 
+def test_rank_share_calibrates_stage2_on_its_own_initial_predictions(cohort, tmp_path):
+    train, val = cohort
+    rng = np.random.default_rng(0)
+    s1_train = train.ages + rng.normal(0, 6, len(train))
+    s1_val = val.ages + rng.normal(0, 6, len(val))
+    res = train_stage(2, _cfg(epochs=1, rank_share=0.1), train.with_stage1(s1_train),
+                      val.with_stage1(s1_val), out_dir=tmp_path / "s2")
+    record = res.card["objective"]["calibration"]
+    assert record["rank_weight"] > 0 and record["gnorm_regression"] > 0
+    assert res.history[0]["rank_weight"] == record["rank_weight"]
+
+
 def test_rank_weight_zero_is_exactly_the_objective_without_ranking(cohort, tmp_path):
     train, val = cohort
     runs = {}
