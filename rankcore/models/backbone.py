@@ -281,7 +281,8 @@ class ScaleDense(nn.Module):
         elif hist_counts.shape != (image.shape[0], self.histogram.bins):
             raise ShapeError(f"`hist_counts` must have shape ({image.shape[0]}, "
                              f"{self.histogram.bins}), got {tuple(hist_counts.shape)}")
-        return torch.cat([feats, self.histogram.standardise(hist_counts).to(feats.dtype)],
+        # fp32 (as the head that reads it): a bf16 copy would round the prior's inputs
+        return torch.cat([feats.float(), self.histogram.standardise(hist_counts).float()],
                          dim=1)
 
 
@@ -432,8 +433,12 @@ class AgeRegressor(SiteInputMixin, AgeScaleMixin, nn.Module):
                 site: torch.Tensor | None = None, hist_counts: torch.Tensor | None = None,
                 ) -> torch.Tensor:
         feats = self.features(image, sex, site, hist_counts)
-        z = self.head(self.dropout(feats))[:, 0]
-        if self.config.hist_bins:
-            end = self.backbone.out_features
-            z = z + self.prior(feats[:, end - self.config.hist_bins:end].to(z.dtype), site)
-        return self.age_mean + self.age_std * z
+        # The head, the prior and the age in fp32 even under autocast: a bf16 age moves in
+        # steps of 0.25-0.5 years.
+        with torch.autocast(feats.device.type, enabled=False):
+            feats = feats.float()
+            z = self.head(self.dropout(feats))[:, 0]
+            if self.config.hist_bins:
+                end = self.backbone.out_features
+                z = z + self.prior(feats[:, end - self.config.hist_bins:end], site)
+            return self.age_mean.float() + self.age_std.float() * z
