@@ -74,3 +74,39 @@ def test_file_uri_storage_and_worker_reads_end_to_end(ray_cluster, tiny_cache, t
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-4)
     with pytest.raises(InputError, match="`keys` must name rows"):
         predict_ray([tmp_path / "s1"], CacheSplit(str(tiny_cache), keys=("sub-nope",)))
+
+
+@pytest.mark.slow
+@pytest.mark.ray
+def test_predict_cohort_on_ray_equals_local(ray_cluster, tiny_cache, tmp_path):
+    """``predict_cohort(engine="ray")``: the cascade runs as Ray tasks reading the cache; the
+    ages equal those of the in-process prediction."""
+    import csv
+
+    import pyarrow.parquet as pq
+
+    from rankcore.inference import predict_cohort
+    from rankcore.train.cascade import train_cascade
+
+    model = train_cascade(tiny_cache, tmp_path / "model",
+                          {"epochs": 1, "batch_size": 4, "backbone": {"growth": [4, 8]}},
+                          k_folds=2, val_fraction=0.2, stage2_source="insample").model_dir
+    src = tiny_cache.parent / "src"
+    manifest = tmp_path / "cohort" / "manifest.csv"
+    manifest.parent.mkdir()
+    with open(manifest, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["participant_id", "path"])
+        for i, path in enumerate(sorted(src.glob("sub-*_T1w.nii.gz"))[:10]):
+            w.writerow([f"sub-{i:02d}", str(path)])
+    out = {}
+    for engine in ("local", "ray"):
+        summary = predict_cohort(model, manifest, tmp_path / f"{engine}.parquet",
+                                 engine=engine, workers=2, allow_outside_root=True)
+        assert summary.predicted == 10
+        out[engine] = pq.read_table(summary.out_file).to_pydict()
+    assert out["ray"]["participant_id"] == out["local"]["participant_id"]
+    np.testing.assert_allclose(out["ray"]["predicted_age"], out["local"]["predicted_age"],
+                               rtol=0, atol=1e-4)
+    np.testing.assert_allclose(out["ray"]["stage1_age"], out["local"]["stage1_age"],
+                               rtol=0, atol=1e-4)
