@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -43,6 +44,8 @@ from rankcore.train.data import SubjectData, as_subject_data
 from rankcore.train.loop import StageResult, _validate, train_stage
 from rankcore.train.objective import build_objective
 from rankcore.train.storage import storage_location
+
+log = logging.getLogger("rankcore.train")
 
 __all__ = ["CacheSplit", "build_trainer", "global_batch_objective", "require_cuda",
            "train_stage_ray"]
@@ -175,6 +178,7 @@ def train_stage_ray(stage: int, config: TrainConfig | dict[str, Any], train_data
             ``use_gpu`` with a worker that has no CUDA.
         TrainingError: the loss became NaN, or the run failed after ``max_failures`` retries.
     """
+    import ray
     import ray.train
 
     config = TrainConfig.from_dict(config)
@@ -202,6 +206,11 @@ def train_stage_ray(stage: int, config: TrainConfig | dict[str, Any], train_data
     _validate(stage, config, check_train, check_val, _Size())
     build_objective(config)
     del check_train, check_val
+    if use_gpu and ray.is_initialized():
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < num_workers:  # an autoscaler may still add GPU nodes: say why we wait
+            log.warning("stage %d waits for %d GPU worker(s); the Ray cluster has %g GPU(s) "
+                        "now", stage, num_workers, gpus)
     trainer = build_trainer(
         {"stage": stage, "config": config.to_dict(), "train": local_train, "val": local_val,
          "use_gpu": use_gpu, "fail_at_epoch": _fail_at_epoch},
