@@ -47,10 +47,11 @@ from rankcore.train.config import TrainConfig
 from rankcore.train.data import SubjectData, as_subject_data
 from rankcore.train.objective import build_objective, rank_convention
 from rankcore.train.predict import evaluate, flip_lr, forward_batch, predict_sharded
-from rankcore.train.prior import fit_histogram_prior
+from rankcore.train.prior import fit_prior
 from rankcore.train.schedule import Progress
 
-__all__ = ["Report", "StageResult", "resolve_device", "train_stage", "with_training_sites"]
+__all__ = ["Report", "StageResult", "resolve_device", "train_stage", "with_training_inputs",
+           "with_training_sites"]
 
 log = logging.getLogger("rankcore.train")
 
@@ -66,8 +67,10 @@ class StageResult:
     Attributes:
         model: the trained model (best validation epoch, or the last without validation) in
             eval mode, on the training device.
-        history: one metrics dict per epoch run.
-        best_epoch: 0-based epoch whose weights ``model`` holds.
+        history: one metrics dict per epoch run, after the starting point's (``epoch`` -1:
+            validation metrics of the prior alone, when there is validation data).
+        best_epoch: 0-based epoch whose weights ``model`` holds; -1 for the starting point
+            (the prior alone; for stage 2, no correction).
         out_dir: the stage folder (``model.safetensors`` + ``card.json`` on rank 0).
         card: the final card.
     """
@@ -164,6 +167,34 @@ def with_training_sites(config: TrainConfig, train: SubjectData) -> TrainConfig:
     return config.replace(backbone=replace(config.backbone, sites=sites))
 
 
+def with_training_inputs(config: TrainConfig, train: SubjectData) -> TrainConfig:
+    """``config`` with the model's inputs taken from the training data: ``backbone.sites``
+    (see :func:`with_training_sites`), ``backbone.in_channels`` (the data's image channels)
+    and ``backbone.features`` (the data's tabular feature names)."""
+    config = with_training_sites(config, train)
+    return config.replace(backbone=replace(config.backbone, in_channels=train.channels,
+                                           features=tuple(train.feature_names)))
+
+
+def _score_start(stage: int, model: nn.Module, config: TrainConfig, val: SubjectData,
+                 world: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Validation metrics (epoch -1) and weights of ``model`` with its residual zeroed: the
+    prior alone (stage 1) or no correction (stage 2)."""
+    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    model.zero_residual()
+    pred = predict_sharded(model, val, world, batch_size=config.eval_batch_size,
+                           flip_tta=config.flip_tta, channels_last=config.channels_last,
+                           amp=config.amp)
+    prior_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(start)
+    metrics = {"epoch": -1, "lr": 0.0, **{f"val_{k}": v for k, v in
+                                          evaluate(pred, val.ages).items()}}
+    log.info("stage %d epoch 0 (%s): val MAE %.2f SRCC %.3f", stage,
+             "the prior alone" if stage == 1 else "no correction", metrics["val_mae"],
+             metrics["val_srcc"])
+    return metrics, prior_state
+
+
 def _prepare_out_dir(out_dir: Path, resume: bool | str | Path, is_main: bool) -> bool:
     """Check ``out_dir``; create it on the main rank. Returns True if it was created here."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -210,7 +241,12 @@ def train_stage(stage: int, config: TrainConfig | dict[str, Any], train_data: An
     train = as_subject_data(train_data, "train_data")
     val = None if val_data is None else as_subject_data(val_data, "val_data")
     _validate(stage, config, train, val, world)
-    config = with_training_sites(config, train)
+    config = with_training_inputs(config, train)
+    if val is not None and (val.channels, val.feature_names) != (train.channels,
+                                                                 train.feature_names):
+        raise InputError(f"`val_data` must have the training data's {train.channels} image "
+                         f"channel(s) and features {list(train.feature_names)}, got "
+                         f"{val.channels} and {list(val.feature_names)}")
     objective = build_objective(config)
     device = resolve_device(config.device)
     rank, world_size = (0, 1) if world is None else (world.rank, world.world_size)
@@ -263,8 +299,17 @@ def _run(stage, config, train, val, objective, device, out_dir, report, world, r
             start_epoch = config.epochs
 
     if ckpt is None:  # a resumed model has its prior in its buffers already
-        prior_info = fit_histogram_prior(model, train, device, config.eval_batch_size,
-                                         per_site=config.site_prior)
+        prior_info = fit_prior(model, train, device, config.eval_batch_size,
+                               per_site=config.site_prior, fit=config.model != "network")
+        if val is not None:  # the starting point is epoch -1: an epoch must beat it
+            start, best_state = _score_start(stage, model, config, val, world)
+            progress.update(config, -1, start["val_mae"])
+            history.append(start)
+        if config.model == "prior":
+            model.zero_residual()
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if config.model == "prior":  # nothing to train: the prior alone (stage 2: no correction)
+        start_epoch = config.epochs
     net = model if world is None else world.wrap_model(model)
     base_card = {
         "stage": stage, "model": type(model).__name__, "train_config": config.to_dict(),
@@ -364,7 +409,8 @@ def _run(stage, config, train, val, objective, device, out_dir, report, world, r
             break
     if best_state is not None:
         model.load_state_dict(best_state)
-    best_epoch = progress.best_epoch if val is not None else epoch
+    best_epoch = progress.best_epoch if val is not None else (
+        -1 if config.model == "prior" else epoch)
     card = dict(base_card, history=history, best_epoch=best_epoch, epochs_run=len(history),
                 progress=progress.to_dict())
     if is_main:
