@@ -163,10 +163,11 @@ class BackboneConfig:
     def from_dict(cls, d: dict[str, Any] | None) -> BackboneConfig:
         """Rebuild from :meth:`to_dict` output; unknown keys are refused.
 
-        A config saved before a field existed gets the value that reproduces the model it
-        describes, not today's default: ``hist_pool``/``hist_window`` from
-        ``input_pool``/``local_norm`` (its histogram read the CNN's input), ``feature_norm``
-        ``"none"``, and the earlier defaults of the other sizes it does not list.
+        A partial dict takes today's defaults for what it leaves out. A config saved before a
+        field existed gets the value that reproduces the model it describes instead:
+        ``hist_pool``/``hist_window`` from ``input_pool``/``local_norm`` (its histogram read
+        the CNN's input); ``feature_norm`` ``"none"`` and ``stem_pool`` 1 for a card that
+        lists the stem's sizes but no ``feature_norm``.
         """
         if d is None:
             return cls()
@@ -175,10 +176,9 @@ class BackboneConfig:
         if unknown:
             raise InputError(f"`backbone` has unknown key(s) {unknown}; known: {sorted(known)}")
         d = dict(d)
-        if d and "feature_norm" not in d:  # written before this field: the earlier model
+        if _LEGACY_KEYS <= set(d) and "feature_norm" not in d:  # a card from before both
             d["feature_norm"] = "none"
-            for key, old in _LEGACY_DEFAULTS.items():
-                d.setdefault(key, old)
+            d.setdefault("stem_pool", 1)
         if "hist_bins" in d and "hist_pool" not in d and "hist_window" not in d:
             d["hist_pool"] = d.get("input_pool", cls.input_pool)
             d["hist_window"] = d.get("local_norm", cls.local_norm)
@@ -188,8 +188,6 @@ class BackboneConfig:
         return cls(**d)
 
 
-#: Defaults of configs written before ``feature_norm`` existed (see :meth:`from_dict`).
-_LEGACY_DEFAULTS: dict[str, Any] = {
-    "input_pool": 2, "stem_kernel": 5, "stem_stride": 2, "stem_pool": 1, "growth": (8, 16, 24, 32),
-    "local_norm": 7,
-}
+#: Keys every saved config held before ``feature_norm`` and ``stem_pool`` existed: a dict with
+#: all of them and no ``feature_norm`` is such a card (see :meth:`BackboneConfig.from_dict`).
+_LEGACY_KEYS = frozenset({"input_pool", "stem_channels", "stem_kernel", "stem_stride", "growth"})
