@@ -250,15 +250,17 @@ def run_job(plan: CascadePlan, job: str, progress: Progress | None = None) -> di
         write_csv(out / PREDICTIONS_FILE, ["key", "role", "stage1"], rows)
     else:
         s1 = read_predictions(staging / "stage1" / PREDICTIONS_FILE, "stage1")
-        if plan.stage2_source == "insample":  # ablation: stage 1's own training estimates
+        if plan.stage2_source in ("insample", "off"):  # stage 1's own training estimates
             oof = s1
         else:
             oof = {}
             for i in range(plan.k_folds):
                 oof.update(read_predictions(staging / "crossfit" / f"fold-{i}" / HELDOUT_FILE,
                                             "stage1_oof"))
-        log.info("stage2: stage 2 on %d training subjects with %s stage-1 estimates",
-                 len(train), "in-sample" if plan.stage2_source == "insample" else "out-of-fold")
+        log.info("stage2: %s", "off: stage 2 makes no correction" if plan.stage2_source == "off"
+                 else f"stage 2 on {len(train)} training subjects with "
+                      f"{'in-sample' if plan.stage2_source == 'insample' else 'out-of-fold'} "
+                      "stage-1 estimates")
         train2 = train.with_stage1([oof[k] for k in train.participant_ids])
         val2 = None if val is None else val.with_stage1([s1[k] for k in val.participant_ids])
         out = staging / "stage2"
