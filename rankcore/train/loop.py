@@ -189,7 +189,8 @@ def _score_start(stage: int, model: nn.Module, config: TrainConfig, val: Subject
     model.load_state_dict(start)
     metrics = {"epoch": -1, "lr": 0.0, **{f"val_{k}": v for k, v in
                                           evaluate(pred, val.ages).items()}}
-    log.info("stage %d epoch 0 (%s): val MAE %.2f SRCC %.3f", stage,
+    log.info("stage %d before training (%s, kept unless training beats it): val MAE %.2f "
+             "SRCC %.3f", stage,
              "the prior alone" if stage == 1 else "no correction", metrics["val_mae"],
              metrics["val_srcc"])
     return metrics, prior_state
