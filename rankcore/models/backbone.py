@@ -4,8 +4,10 @@ The design follows the ScaleDense network of Cheng et al. (IEEE TMI 2021): a ste
 then blocks of asymmetric convolutions -> norm -> ELU -> squeeze-and-excitation -> pooling,
 each concatenating its pooled input with its new features, then global pooling and a small head;
 sex enters through a small fully connected branch. The defaults are sized for CPU training on
-3 mm volumes: no input pooling, a stride-1 3 x 3 x 3 stem, so the first dense block sees the
-cache's grid, and narrow blocks (the reference's widths reach ~100 M parameters per stage).
+the default 2 mm volumes: no input pooling, a 5 x 5 x 5 stem of stride 2 that reads the 2 mm
+voxels, so the first dense block works at 4 mm, and narrow blocks (the reference's widths
+reach ~100 M parameters per stage). On a 3 mm cache a stride-1 stem followed by a max-pool
+(``stem_pool``) keeps the stem at the cache's resolution.
 The input may hold several channels (the z-scored intensity, then tissue probability maps);
 no local contrast normalisation is applied to the CNN's input by default, so the tissue
 contrast of the cache's global z-score inside the brain reaches the first convolution.
@@ -273,7 +275,7 @@ class AgeRegressor(SiteInputMixin, AgeScaleMixin, nn.Module):
     """Stage 1 of the cascade: image (+ sex, site, tabular features) -> age in years.
 
     Args:
-        config: backbone and head sizes. With the defaults this module has 109,087 parameters
+        config: backbone and head sizes. With the defaults this module has 109,871 parameters
             (+32 per known site and per tabular feature).
 
     Buffers:

@@ -96,7 +96,7 @@ class CorrectionRegressor(SiteInputMixin, AgeScaleMixin, nn.Module):
         config: backbone and head sizes (its own backbone, not shared with stage 1).
         cascade: how the stage-1 estimate is used and how far stage 2 may move it.
 
-    With the default configs this module has 109,359 parameters (+32 per known site and per
+    With the default configs this module has 110,143 parameters (+32 per known site and per
     tabular feature).
 
     Buffers:

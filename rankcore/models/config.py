@@ -39,15 +39,17 @@ class BackboneConfig:
             probability maps of the cache). The training loop sets it from the training data;
             a saved model refuses images with another number of channels.
         input_pool: average-pooling factor applied to the input first (1 = none, the default:
-            the stem sees the cache's grid).
+            the stem reads the cache's voxels).
         stem_channels: output channels of the stem convolution.
         stem_kernel: cubic kernel size of the stem (odd).
-        stem_stride: stride of the stem (1, the default, keeps the cache's resolution for the
-            first dense block).
-        stem_pool: max-pooling factor after the stem (1 = none). The default 2 keeps the
-            stem's 3 mm filters (tissue boundaries, partial volume) at full resolution and
-            pools their strongest responses, so the dense blocks start at 6 mm: the stride-1
-            first dense block would cost four times as much.
+        stem_stride: stride of the stem. The default 2 suits the default 2 mm cache: the stem
+            reads 2 mm voxels and the first dense block works at 4 mm. For a 3 mm cache use
+            ``stem_stride=1, stem_kernel=3, stem_pool=2`` (the stem at 3 mm, the first block
+            at 6 mm).
+        stem_pool: max-pooling factor after the stem (1 = none, the default). With a stride-1
+            stem, 2 keeps the stem's filters (tissue boundaries, partial volume) at the
+            cache's resolution and pools their strongest responses, so the dense blocks start
+            at twice the voxel size instead of paying for a full-resolution block.
         growth: new channels added by each dense block; its length is the number of blocks
             (each block halves the grid with a max-pool).
         se_reduction: channel reduction inside squeeze-and-excitation.
@@ -80,16 +82,16 @@ class BackboneConfig:
             training data; empty = none). They are standardised with training-set statistics
             (missing values become the mean), feed the head and the closed-form prior.
 
-    The defaults give 109,087 parameters for the stage-1 regressor (:class:`AgeRegressor`),
+    The defaults give 109,871 parameters for the stage-1 regressor (:class:`AgeRegressor`),
     plus 32 per site and 32 per tabular feature it is given (both enter the head).
     """
 
     in_channels: int = 1
     input_pool: int = 1
     stem_channels: int = 8
-    stem_kernel: int = 3
-    stem_stride: int = 1
-    stem_pool: int = 2
+    stem_kernel: int = 5
+    stem_stride: int = 2
+    stem_pool: int = 1
     growth: tuple[int, ...] = (8, 16, 24, 32)
     se_reduction: int = 4
     sex_features: int = 8

@@ -34,8 +34,10 @@ from rankcore.train.split import DIGEST_COLUMNS, cache_data_digest, training_spl
 __all__ = [
     "CARD_FILE",
     "CARD_FORMAT",
+    "DEFAULT_BATCH_SIZE",
     "DEFAULT_EPOCHS",
     "DEFAULT_K_FOLDS",
+    "DEFAULT_PATIENCE",
     "DEFAULT_VAL_FRACTION",
     "ENGINES",
     "EXECUTION_KEYS",
@@ -57,7 +59,11 @@ STAGE2_SOURCES = ("oof", "insample", "off")
 #: Default number of cross-fitting folds on CPU (see :func:`default_config`).
 DEFAULT_K_FOLDS = 3
 #: Default epochs of every stage-1 and stage-2 job on CPU (see :func:`default_config`).
-DEFAULT_EPOCHS = 15
+DEFAULT_EPOCHS = 20
+#: Default mini-batch size on CPU (see :func:`default_config`).
+DEFAULT_BATCH_SIZE = 8
+#: Default early-stopping patience on CPU: below DEFAULT_EPOCHS, so that it can act.
+DEFAULT_PATIENCE = 10
 #: Fraction of the training pool set aside for validation when the cache names no val rows.
 DEFAULT_VAL_FRACTION = 0.1
 
@@ -66,25 +72,23 @@ EXECUTION_KEYS = ("device", "num_threads", "eval_batch_size")
 
 
 def default_config(**changes: Any) -> TrainConfig:
-    """The CPU default of a cascade run: :class:`TrainConfig` with ``epochs=DEFAULT_EPOCHS`` (15)
-    and ``num_threads=1``; ``changes`` override any field.
+    """The CPU default of a cascade run: :class:`TrainConfig` with ``epochs=DEFAULT_EPOCHS`` (20),
+    ``batch_size=DEFAULT_BATCH_SIZE`` (8), ``early_stopping=DEFAULT_PATIENCE`` (10) and
+    ``num_threads=1``; ``changes`` override any field.
 
-    Sizing, measured on this project's shared 2-core CPU (default backbone, (80, 96, 80),
-    batch 16; benchmarks/bench_train.py): 40-60 training samples/s per process with one
-    intra-op thread (forward, backward, optimiser step), 95-170 samples/s forward only. Two
-    intra-op threads were 6x SLOWER under contention (41 s instead of 7 s per epoch), hence
-    one thread. A cascade with K folds trains K + 1 stage-1 models ((K − 1)/K of the training
-    subjects each for the folds, all of them for the final one) and one stage 2: about
-    (K + 1) · E epochs over N subjects. K = 3 is the fewest folds whose fold models see two
-    thirds of the data (with K = 2 they see half, and their out-of-fold errors overstate the
-    final stage 1's). Measured end to end (loading the cache, 4 stage-1 jobs, stage 2, card)
-    on 300 cached subjects (270 train + 30 validation) with K = 3, E = 15: 353 s with
-    ``workers=1`` (load average ~3 from other users), 488 s with ``workers=2`` under a load
-    average of ~5 — on a busy machine a second process does not help; on two idle cores it
-    should run the K + 1 stage-1 jobs two at a time. Either way this leaves most of the issue's
-    15-minute budget (train 300 / test 120 on 2 cores) for simulation, ingest and evaluation.
+    With stage 2 and cross-fitting off on CPU (:func:`plan_cascade`), the budget that five jobs
+    of 15 epochs took goes to one stage-1 job: 20 epochs at batch 8 give ~680 optimiser steps
+    on 270 training subjects instead of ~250.
+
+    One intra-op thread: on a shared 2-core machine two threads per process spin against
+    each other. With cross-fitting on (``stage2_source="oof"``) a cascade with K folds trains
+    K + 1 stage-1 models ((K − 1)/K of the training subjects each for the folds, all of them
+    for the final one) and one stage 2: about (K + 1) · E epochs over N subjects; K = 3 is the
+    fewest folds whose fold models see two thirds of the data. README.md ("Performance")
+    gives the measured times.
     """
-    base: dict[str, Any] = {"epochs": DEFAULT_EPOCHS, "num_threads": 1}
+    base: dict[str, Any] = {"epochs": DEFAULT_EPOCHS, "batch_size": DEFAULT_BATCH_SIZE,
+                            "early_stopping": DEFAULT_PATIENCE, "num_threads": 1}
     base.update(changes)
     return TrainConfig.from_dict(base)
 
