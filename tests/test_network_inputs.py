@@ -190,7 +190,7 @@ def test_legacy_backbone_config_keeps_its_model():
     assert (c.input_pool, c.stem_stride, c.stem_pool, c.local_norm, c.feature_norm,
             c.in_channels, c.features) == (2, 2, 1, 7, "none", 1, ())
     partial = BackboneConfig.from_dict({"growth": [4, 4]})  # today's defaults for the rest
-    assert (partial.feature_norm, partial.stem_pool, partial.local_norm) == ("batch", 2, 0)
+    assert (partial.feature_norm, partial.local_norm, partial.input_pool) == ("batch", 0, 1)
     with pytest.raises(InputError, match="`feature_norm`"):
         BackboneConfig(feature_norm="instance")
     with pytest.raises(InputError, match="`model`"):
