@@ -151,6 +151,20 @@ def test_head_inputs_are_standardised():
     torch.testing.assert_close(cnn.mean(1), torch.zeros(16), atol=1e-5, rtol=0)
 
 
+def test_stem_keeps_the_input_resolution_with_stride_one_and_pool():
+    """The 3 mm layout: a stride-1 stem at the input's grid, then a max-pool of 2; the
+    default 2 mm layout: a stride-2 stem; neither pools the input or normalises it locally."""
+    x = torch.randn(2, 1, *SHAPE)
+    fine = ScaleDense(BackboneConfig(**SMALL, stem_stride=1, stem_kernel=3, stem_pool=2))
+    assert fine.stem(x).shape[2:] == SHAPE  # the stem runs at the input's resolution
+    pooled = fine.stem_pool(fine.stem(x))
+    assert pooled.shape[2:] == tuple((s + 1) // 2 for s in SHAPE)
+    default = ScaleDense(BackboneConfig())
+    assert isinstance(default.input_pool, torch.nn.Identity)
+    assert isinstance(default.local_norm, torch.nn.Identity)
+    assert default.stem(x).shape[2:] == tuple((s + 1) // 2 for s in SHAPE)
+
+
 def test_model_refuses_other_channels_and_features():
     m = AgeRegressor(BackboneConfig(**SMALL, in_channels=2, features=("a",))).eval()
     x = torch.randn(3, 2, *SHAPE)
