@@ -25,7 +25,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from rankcore.train.shares import (
     prepare_rank_weight,
     share_text,
 )
+from rankcore.train.start import score_start, with_training_inputs, with_training_sites
 
 __all__ = ["Report", "StageResult", "resolve_device", "train_stage", "with_training_inputs",
            "with_training_sites"]
@@ -163,46 +164,6 @@ def _validate(stage: int, config: TrainConfig, train: SubjectData, val: SubjectD
                                  "cross_fit_stage1 for the training data)")
 
 
-def with_training_sites(config: TrainConfig, train: SubjectData) -> TrainConfig:
-    """``config`` with ``backbone.sites`` set to the training data's sites (sorted) when
-    ``site_input`` is on, no sites were given, and the data come from >= 2 known sites."""
-    if not config.site_input or config.backbone.sites:
-        return config
-    sites = tuple(sorted({s for s in train.sites if s and s != "n/a"}))
-    if len(sites) < 2:
-        return config
-    return config.replace(backbone=replace(config.backbone, sites=sites))
-
-
-def with_training_inputs(config: TrainConfig, train: SubjectData) -> TrainConfig:
-    """``config`` with the model's inputs taken from the training data: ``backbone.sites``
-    (see :func:`with_training_sites`), ``backbone.in_channels`` (the data's image channels)
-    and ``backbone.features`` (the data's tabular feature names)."""
-    config = with_training_sites(config, train)
-    return config.replace(backbone=replace(config.backbone, in_channels=train.channels,
-                                           features=tuple(train.feature_names)))
-
-
-def _score_start(stage: int, model: nn.Module, config: TrainConfig, val: SubjectData,
-                 world: Any) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Validation metrics (epoch -1) and weights of ``model`` with its residual zeroed: the
-    prior alone (stage 1) or no correction (stage 2)."""
-    start = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.zero_residual()
-    pred = predict_sharded(model, val, world, batch_size=config.eval_batch_size,
-                           flip_tta=config.flip_tta, channels_last=config.channels_last,
-                           amp=config.amp)
-    prior_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    model.load_state_dict(start)
-    metrics = {"epoch": -1, "lr": 0.0, **{f"val_{k}": v for k, v in
-                                          evaluate(pred, val.ages).items()}}
-    log.info("stage %d before training (%s, kept unless training beats it): val MAE %.2f "
-             "SRCC %.3f", stage,
-             "the prior alone" if stage == 1 else "no correction", metrics["val_mae"],
-             metrics["val_srcc"])
-    return metrics, prior_state
-
-
 def _prepare_out_dir(out_dir: Path, resume: bool | str | Path, is_main: bool) -> bool:
     """Check ``out_dir``; create it on the main rank. Returns True if it was created here."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -249,12 +210,7 @@ def train_stage(stage: int, config: TrainConfig | dict[str, Any], train_data: An
     train = as_subject_data(train_data, "train_data")
     val = None if val_data is None else as_subject_data(val_data, "val_data")
     _validate(stage, config, train, val, world)
-    config = with_training_inputs(config, train)
-    if val is not None and (val.channels, val.feature_names) != (train.channels,
-                                                                 train.feature_names):
-        raise InputError(f"`val_data` must have the training data's {train.channels} image "
-                         f"channel(s) and features {list(train.feature_names)}, got "
-                         f"{val.channels} and {list(val.feature_names)}")
+    config = with_training_inputs(config, train, val)
     objective = build_objective(config)
     device = resolve_device(config.device)
     rank, world_size = (0, 1) if world is None else (world.rank, world.world_size)
@@ -310,7 +266,7 @@ def _run(stage, config, train, val, objective, device, out_dir, report, world, r
         prior_info = fit_prior(model, train, device, config.eval_batch_size,
                                per_site=config.site_prior, fit=config.model != "network")
         if val is not None:  # the starting point is epoch -1: an epoch must beat it
-            start, best_state = _score_start(stage, model, config, val, world)
+            start, best_state = score_start(stage, model, config, val, world)
             progress.update(config, -1, start["val_mae"])
             history.append(start)
         if config.model == "prior":
