@@ -146,6 +146,8 @@ def test_head_inputs_are_standardised():
     hist_tab = out[:, net.cnn_features:]  # training-set statistics: zero mean here too
     torch.testing.assert_close(hist_tab.mean(0), torch.zeros(10), atol=0.1, rtol=0)
     assert (out[::5, -2] == 0).all()  # missing feature 0 reads as the mean
+    one = net(b["image"][:1], features=b["features"][:1])  # one subject per worker
+    assert torch.isfinite(one).all()
     layer = ScaleDense(BackboneConfig(**SMALL, feature_norm="layer")).eval()
     cnn = layer(b["image"])[:, :layer.cnn_features].detach()
     torch.testing.assert_close(cnn.mean(1), torch.zeros(16), atol=1e-5, rtol=0)

@@ -201,7 +201,12 @@ class ScaleDense(nn.Module):
         x = self.local_norm(self.input_pool(image))
         x = self.stem_pool(F.elu(self.stem_bn(self.stem(x))))
         feats = self.blocks(x).mean(dim=(2, 3, 4))
-        parts = [self.feature_norm(feats)]
+        norm = self.feature_norm
+        if isinstance(norm, nn.BatchNorm1d) and self.training and b == 1:
+            # one subject per worker has no spread to standardise by: use the running stats
+            parts = [F.batch_norm(feats, norm.running_mean, norm.running_var, eps=norm.eps)]
+        else:
+            parts = [norm(feats)]
         if self.histogram is not None:
             if hist_counts is None:
                 hist_counts = (self.histogram.counts(x) if self._hist_shares_input
