@@ -10,7 +10,8 @@ Not a test: it prints one Markdown table. For each size N:
   reads its own rows) with 1 and with 2 Ray Train workers, each in a fresh driver process that
   starts its own local Ray: training samples per second of the last epoch (validation
   excluded), the driver's peak RSS (``getrusage``) and each Ray Train worker's peak RSS
-  (``VmHWM``, sampled every 0.5 s from /proc while the run lasts).
+  (``VmHWM``) with the peaks of its anonymous memory and of its file-backed pages (the
+  memory-mapped cache: page cache, shared and reclaimable), sampled every 0.5 s from /proc.
 
 Targets (the issue's): the driver's RSS flat (within 10 %) across sizes; a worker's RSS bounded
 by its batch buffer, not the cohort; 2 ingest workers >= 1.6 x one worker.
@@ -48,20 +49,24 @@ _DRIVER = textwrap.dedent("""
         except OSError:
             return ""
 
-    def hwm(pid):
+    def status(pid):
+        out = {}
         try:
             for line in open(f"/proc/{pid}/status"):
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
+                key = line.split(":")[0]
+                if key in ("VmHWM", "RssAnon", "RssFile"):
+                    out[key] = int(line.split()[1]) / 1024
         except OSError:
             pass
-        return 0.0
+        return out
 
     def sample():
         while not done.is_set():
             for pid in descendants([os.getpid()]):
                 if "TrainWorker" in title(pid):
-                    peaks[pid] = max(peaks.get(pid, 0.0), hwm(pid))
+                    old = peaks.setdefault(pid, {})
+                    for k, v in status(pid).items():
+                        old[k] = max(old.get(k, 0.0), v)
             time.sleep(0.5)
 
     threading.Thread(target=sample, daemon=True).start()
@@ -75,7 +80,9 @@ _DRIVER = textwrap.dedent("""
     print(json.dumps({"samples_per_s": res.history[-1]["samples_per_s"],
                       "seconds": time.perf_counter() - t0,
                       "driver_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                      "worker_rss_mb": sorted(peaks.values())}))
+                      "worker_rss_mb": [p.get("VmHWM", 0.0) for p in peaks.values()],
+                      "worker_anon_mb": [p.get("RssAnon", 0.0) for p in peaks.values()],
+                      "worker_file_mb": [p.get("RssFile", 0.0) for p in peaks.values()]}))
 """)
 
 
@@ -120,8 +127,8 @@ def run(sizes: list[int], workdir: Path, epochs: int) -> str:
              f"backbone, batch 16, {epochs} epoch(s), one intra-op thread per worker", "",
              "| subjects | ingest 1 w (subj/s) | ingest 2 w (subj/s) | 2 w / 1 w | "
              "train 1 w (samples/s) | train 2 w (samples/s) | driver RSS 1 w / 2 w (MB) | "
-             "worker RSS 1 w / 2 w (MB) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "worker RSS 1 w / 2 w (MB) | worker anon + file 2 w (MB) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for n, _sim, ingest, train in rows:
         w1, w2 = train[1], train[2]
         lines.append(
@@ -129,7 +136,9 @@ def run(sizes: list[int], workdir: Path, epochs: int) -> str:
             f"{w1['samples_per_s']:.1f} | {w2['samples_per_s']:.1f} | "
             f"{w1['driver_rss_mb']:.0f} / {w2['driver_rss_mb']:.0f} | "
             f"{', '.join(f'{r:.0f}' for r in w1['worker_rss_mb'])} / "
-            f"{', '.join(f'{r:.0f}' for r in w2['worker_rss_mb'])} |")
+            f"{', '.join(f'{r:.0f}' for r in w2['worker_rss_mb'])} | "
+            + ", ".join(f"{a:.0f} + {f:.0f}" for a, f in zip(w2["worker_anon_mb"],
+                                                            w2["worker_file_mb"])) + " |")
     return "\n".join(lines)
 
 
