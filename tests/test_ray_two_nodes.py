@@ -26,7 +26,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 REPO = Path(rankcore.__file__).resolve().parents[1]
 CONFIG = {"epochs": 2, "batch_size": 4, "eval_batch_size": 4, "device": "cpu",
-          "num_threads": 1, "seed": 3, "backbone": {"growth": [4, 8], "dropout": 0.0}}
+          "num_threads": 1, "seed": 3,
+          # no batch-dependent layer (per-worker statistics), no dropout (per-rank masks)
+          "backbone": {"growth": [4, 8], "dropout": 0.0, "feature_norm": "layer"}}
 
 _DRIVER = textwrap.dedent("""
     import json, sys
