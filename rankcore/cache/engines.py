@@ -18,6 +18,8 @@ from rankcore.cache.batch import Batch, BatchResult, process_batch
 from rankcore.errors import InputError
 
 ENGINES = ("local", "ray")
+#: glibc's mmap threshold for the Ray processes brainrank starts (bytes; see start_local_ray).
+MALLOC_ENV, MALLOC_MMAP_THRESHOLD = "MALLOC_MMAP_THRESHOLD_", "65536"
 
 
 def check_engine(engine: str) -> str:
@@ -115,11 +117,18 @@ def start_local_ray(num_cpus: int | None = None, **init_kwargs: Any) -> None:
     # without cluster support (its macOS/Windows mode); only that choice of address changes.
     previous = ray_constants.ENABLE_RAY_CLUSTER
     ray_constants.ENABLE_RAY_CLUSTER = False
+    # Ray's processes inherit this environment. A fixed mmap threshold makes glibc return
+    # freed volume-sized buffers to the OS; with its default (adaptive) threshold a worker
+    # reading a cohort batch by batch kept ~1 volume of heap per subject it had read.
+    malloc = os.environ.get(MALLOC_ENV)
+    os.environ.setdefault(MALLOC_ENV, MALLOC_MMAP_THRESHOLD)
     try:
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  _node_ip_address="127.0.0.1", **init_kwargs)
     finally:
         ray_constants.ENABLE_RAY_CLUSTER = previous
+        if malloc is None:
+            os.environ.pop(MALLOC_ENV, None)
     start_reaper(sorted(set(children_of(os.getpid())) - before))
 
 
