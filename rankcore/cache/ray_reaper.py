@@ -8,7 +8,7 @@ descendants, refreshed every ``interval`` seconds) and, once the driver is gone,
 SIGTERM, then SIGKILL to those still alive two seconds later. A process is identified by its
 pid and start time, so a recycled pid is never signalled. Linux only (elsewhere: no-op).
 
-Run as ``python -m rankcore.cache.ray_reaper DRIVER_PID ROOT_PID...``.
+Run as ``python -I ray_reaper.py DRIVER_PID ROOT_PID...`` (standard library only).
 """
 
 from __future__ import annotations
@@ -114,8 +114,10 @@ def start_reaper(roots: Iterable[int]) -> subprocess.Popen | None:
     roots = [int(p) for p in roots]
     if not roots or not sys.platform.startswith("linux") or not os.path.isdir("/proc"):
         return None
+    # Run as a plain script in isolated mode: it needs only the standard library, and must be
+    # watching within milliseconds (``-m rankcore.cache...`` would import the whole package).
     return subprocess.Popen(
-        [sys.executable, "-m", "rankcore.cache.ray_reaper", str(os.getpid()), *map(str, roots)],
+        [sys.executable, "-I", os.path.abspath(__file__), str(os.getpid()), *map(str, roots)],
         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         close_fds=True)
 
