@@ -365,6 +365,15 @@ def _preprocess(data: np.ndarray, affine: np.ndarray, config: PreprocessConfig, 
                         out=out[where].transpose(np.argsort(to_output)))
     how = ("skull-stripped: voxels above the constant background" if rule == "background"
            else f"not skull-stripped: voxels above Otsu threshold {threshold:.4g}")
+    tissue = None
+    if config.tissue:  # bias correction, then the stored volume is z-scored again
+        from rankcore.mri.tissue import tissue_of_output
+
+        full = np.zeros(shape, dtype=bool)
+        full[where] = mask_o.transpose(to_output)
+        tissue = tissue_of_output(out, full, mean, sd, out_affine, config, source)
+        actions.append(tissue.summary)
+        how += "; after N4 bias correction"
     actions.append(f"normalised: z-score inside the brain mask ({how}; mean {mean:.4g}, "
                    f"sd {sd:.4g})")
     in_mask = values[mask.reshape(-1)[::stride]]
@@ -376,6 +385,8 @@ def _preprocess(data: np.ndarray, affine: np.ndarray, config: PreprocessConfig, 
         source_orientation=src_orient, source_spacing=src_spacing, source_shape=src_shape,
         actions=actions,
         features={"brain_volume_ml": n_mask * voxel_ml, "p01": p01, "p50": p50, "p99": p99},
+        tissue=None if tissue is None else tissue.probabilities,
+        tissue_features=None if tissue is None else tissue.features,
     )
 
 
