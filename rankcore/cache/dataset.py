@@ -3,8 +3,8 @@
 Construction reads only the metadata columns (the tissue features included). Each item
 reads one row group of one shard through ``pyarrow.memory_map`` (the OS pages the bytes
 in; nothing is loaded ahead), decodes the stored float16/float32 bytes (and uint8 tissue
-probabilities) with ``np.frombuffer`` and returns a float32 tensor. Shard handles are opened per process on first use, so the dataset pickles cheaply into DataLoader
-workers.
+probabilities) with ``np.frombuffer`` and returns a float32 tensor. Shard handles are
+opened per process on first use, so the dataset pickles cheaply into DataLoader workers.
 """
 
 from __future__ import annotations

@@ -42,6 +42,7 @@ __all__ = ["CLASSES", "TISSUE_FEATURES", "TissueResult", "check_tissue", "fit_em
 MIN_DICE = 0.85
 SCALE_RANGE = (0.7, 1.4)
 MIN_CONTRAST = 1.0
+MAX_CSF_MEAN = 0.5  # CSF / WM intensity; T1 CSF is far darker than WM
 FRACTION_RANGES = {"gm": (0.2, 0.75), "wm": (0.15, 0.65), "csf": (0.02, 0.6)}
 
 _ADVICE = ("brainrank expects a skull-stripped T1-weighted brain; check the image (modality, "
@@ -89,7 +90,9 @@ def _e_step(y: np.ndarray, prior: np.ndarray, mu: np.ndarray, noise: float,
     post /= np.maximum(post.sum(axis=1, keepdims=True), np.float32(1e-30))
     alpha = np.empty((n, len(_MIXES)), dtype=np.float32)
     for m, (a, b) in enumerate(_MIXES):
-        alpha[:, m] = np.clip((y - mu[a]) / (mu[b] - mu[a]), 0.0, 1.0)
+        gap = mu[b] - mu[a]
+        gap = gap if abs(gap) > 1e-6 else 1e-6  # equal means: any split is as good
+        alpha[:, m] = np.clip((y - mu[a]) / gap, 0.0, 1.0)
     return post, alpha
 
 
@@ -183,6 +186,9 @@ def check_tissue(dice: float, scale: float, mu: np.ndarray, noise: float,
         if not contrast >= MIN_CONTRAST:
             problems.append(f"GM/WM contrast {contrast:.2f} noise SDs < {MIN_CONTRAST}: "
                             f"no tissue contrast")
+        if not c / w <= MAX_CSF_MEAN:
+            problems.append(f"CSF intensity {c / w:.2f} of WM > {MAX_CSF_MEAN}: no dark CSF "
+                            f"in the mask (not skull-stripped, or the mask cut the CSF away)")
     for name, f in zip(CLASSES, fractions):
         lo, hi = FRACTION_RANGES[name]
         if not lo <= f <= hi:
@@ -261,7 +267,9 @@ def measure_tissue(intensity: np.ndarray, mask: np.ndarray, affine: np.ndarray, 
     seconds["features"] = time.process_time() - t
     summary = (f"tissue: N4 bias field, affine to MNI152 (Dice {dice:.3f}, scale {scale:.3f}), "
                f"EM with template priors: GM {fractions[0]:.3f}, WM {fractions[1]:.3f}, "
-               f"CSF {fractions[2]:.3f}")
+               f"CSF {fractions[2]:.3f} (CPU s: N4 {seconds['bias']:.2f}, registration "
+               f"{seconds['register']:.2f}, EM {seconds['em']:.2f}, features "
+               f"{seconds['features']:.2f})")
     return TissueResult(probs, corrected, np.asarray(feats, dtype=np.float64), seconds, summary)
 
 
