@@ -184,7 +184,7 @@ def test_cache_round_trips_channels_and_features_and_quarantines_failures(tmp_pa
     assert ds.feature_names == TISSUE_FEATURES
     assert ds.features.shape == (2, len(TISSUE_FEATURES)) and ds.features.dtype == np.float64
     for i in range(2):
-        params, img, _ = subjects[i]
+        _, img, _ = subjects[i]
         pv = preprocess_volume(np.asarray(img.dataobj), img.affine, CFG)
         ch = ds.channels(i)
         assert ch.shape == (4, *CFG.shape)
