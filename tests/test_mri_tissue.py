@@ -94,6 +94,7 @@ def test_regions_partition_the_template_brain_deterministically():
 # ----------------------------------------------------------------------------- whole step
 
 
+@pytest.mark.slow
 def test_tissue_on_simulated_heads_matches_the_truth(subjects):
     for params, img, truth in subjects:
         pv = preprocess_volume(np.asarray(img.dataobj), img.affine, CFG)
@@ -147,7 +148,11 @@ def _whole_head(img):
     return x
 
 
-@pytest.mark.parametrize("damage", [_inverted, _no_contrast, _whole_head])
+@pytest.mark.parametrize("damage", [
+    _no_contrast,
+    pytest.param(_inverted, marks=pytest.mark.slow),
+    pytest.param(_whole_head, marks=pytest.mark.slow),
+])
 def test_scans_tissue_cannot_handle_are_quarantined(subjects, damage):
     _, img, _ = subjects[1]
     with pytest.raises(QuarantineError) as err:
@@ -173,6 +178,7 @@ def _cohort(tmp_path, subjects, extra=()):
     return Cohort(tmp_path, "manifest", tuple(rows))
 
 
+@pytest.mark.slow
 def test_cache_round_trips_channels_and_features_and_quarantines_failures(tmp_path, subjects):
     src = tmp_path / "src"
     src.mkdir()
@@ -213,6 +219,7 @@ def test_cache_without_tissue_has_one_channel_and_no_features(tmp_path, subjects
         ds.view.read_tissue(0)
 
 
+@pytest.mark.slow
 def test_a_cache_written_before_tissue_is_stale_and_rebuilt(tmp_path, subjects):
     """A cache written before the tissue settings existed: its config.json lacks them and its
     folder is named by the old digest. Readers refuse it; ingest builds a new one beside it."""

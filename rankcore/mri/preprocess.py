@@ -31,15 +31,19 @@ The steps, each recorded in words in :attr:`PreprocessedVolume.actions`:
    is computed, and point by point only inside the mask: everything else is 0 after step 5.
 5. Normalise: z-score with the mean and standard deviation inside the mask on the output grid;
    0 outside the mask. float32 throughout (no float64 copy of a volume).
+6. With ``config.tissue``: :func:`rankcore.mri.tissue.tissue_of_output` bias-corrects the
+   volume (N4), aligns the MNI template, classifies GM/WM/CSF and computes the tissue
+   features; the volume is then z-scored again after the bias correction. Raises
+   QuarantineError `tissue_failed` when the classification cannot be trusted.
 
 Features: ``brain_volume_ml`` (mask volume on the anti-aliased source grid, so not reduced by
 cropping) and ``p01``/``p50``/``p99`` of the source intensities (after ``scl_slope``/
 ``scl_inter``, before normalisation) inside that mask, from a strided sample of ~32k voxels.
 
-Cost after loading, one core (CPU time on a shared 2-core machine, simulated skull-stripped
-heads): 2 mm grids (0.7-1.5 M voxels) ~6-9 ms, 1.2-1.5 mm grids ~8-14 ms, oblique 2 mm
-grids ~13-17 ms, a 1 mm 182x218x182 volume ~18 ms; a whole-head (not skull-stripped) input
-adds ~10-15 ms for its voxel-level labelling.
+Cost after loading without tissue, one core (CPU time on a shared 2-core machine,
+simulated skull-stripped heads): 2 mm grids (0.7-1.5 M voxels) ~6-9 ms, 1.2-1.5 mm grids
+~8-14 ms, oblique 2 mm grids ~13-17 ms, a 1 mm 182x218x182 volume ~18 ms; a whole-head (not
+skull-stripped) input adds ~10-15 ms for its voxel-level labelling.
 """
 
 from __future__ import annotations
