@@ -42,7 +42,8 @@ __all__ = ["CLASSES", "TISSUE_FEATURES", "TissueResult", "check_tissue", "fit_em
 MIN_DICE = 0.85
 SCALE_RANGE = (0.7, 1.4)
 MIN_CONTRAST = 1.0
-MAX_CSF_MEAN = 0.5  # CSF / WM intensity; T1 CSF is far darker than WM
+MAX_CSF_MEAN = 0.5  # CSF / WM intensity; T1 CSF is far darker than WM ...
+CSF_CHECK_MAX_MM = 4.0  # ... where voxels are fine enough to hold pure CSF
 FRACTION_RANGES = {"gm": (0.2, 0.75), "wm": (0.15, 0.65), "csf": (0.02, 0.6)}
 
 _ADVICE = ("brainrank expects a skull-stripped T1-weighted brain; check the image (modality, "
@@ -159,7 +160,7 @@ def fit_em(y: np.ndarray, priors: np.ndarray, *, floor: float = 0.1, iterations:
 
 
 def check_tissue(dice: float, scale: float, mu: np.ndarray, noise: float,
-                 fractions: np.ndarray, source: str) -> None:
+                 fractions: np.ndarray, source: str, spacing: float = 2.0) -> None:
     """Raise ``QuarantineError("tissue_failed")`` when the classification is not trustworthy.
 
     Args:
@@ -169,6 +170,8 @@ def check_tissue(dice: float, scale: float, mu: np.ndarray, noise: float,
         noise: the noise SD of the pure classes (same units as ``mu``).
         fractions: class fractions of the brain mask (GM, WM, CSF).
         source: name for the message.
+        spacing: voxel size (mm); the CSF-darkness check needs voxels of at most
+            ``CSF_CHECK_MAX_MM`` (coarser voxels hold no pure CSF).
     """
     problems = []
     if not dice >= MIN_DICE:
@@ -186,7 +189,7 @@ def check_tissue(dice: float, scale: float, mu: np.ndarray, noise: float,
         if not contrast >= MIN_CONTRAST:
             problems.append(f"GM/WM contrast {contrast:.2f} noise SDs < {MIN_CONTRAST}: "
                             f"no tissue contrast")
-        if not c / w <= MAX_CSF_MEAN:
+        if spacing <= CSF_CHECK_MAX_MM and not c / w <= MAX_CSF_MEAN:
             problems.append(f"CSF intensity {c / w:.2f} of WM > {MAX_CSF_MEAN}: no dark CSF "
                             f"in the mask (not skull-stripped, or the mask cut the CSF away)")
     for name, f in zip(CLASSES, fractions):
@@ -253,7 +256,7 @@ def measure_tissue(intensity: np.ndarray, mask: np.ndarray, affine: np.ndarray, 
     seconds["em"], t = time.process_time() - t, time.process_time()
     fractions = post.mean(axis=0, dtype=np.float64)
     scale = float(np.cbrt(np.linalg.det(matrix[:3, :3])))
-    check_tissue(dice, scale, mu, noise, fractions, source)
+    check_tissue(dice, scale, mu, noise, fractions, source, spacing)
     w = mu[1]
     voxel_ml = spacing**3 / 1000.0
     n = int(mask.sum())
