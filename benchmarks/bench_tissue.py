@@ -63,6 +63,11 @@ def main() -> None:
                           for s in sorted(set(sites))])
         print(f"| {name} | {np.corrcoef(est[:, k], tr[:, k])[0, 1]:.3f} | {within:.3f} | "
               f"{est[:, k].mean():.3f} | {tr[:, k].mean():.3f} |")
+    vent = np.array([float(r["ventricle_ml"]) for r in rows])
+    total = np.array([sum(float(r[k]) for k in ("gm_ml", "wm_ml", "csf_ml")) for r in rows])
+    for name in ("ventricles_csf", "periventricular_csf"):
+        print(f"{name} vs true ventricle fraction: r = "
+              f"{np.corrcoef(f[name], vent / total)[0, 1]:.3f}")
     dice = f["template_dice"]
     print(f"template Dice: mean {dice.mean():.4f}, min {dice.min():.4f}")
     scale = f["affine_scale"]
