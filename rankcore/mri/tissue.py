@@ -8,19 +8,21 @@ its brain mask, in four steps:
 2. affine alignment of the MNI ICBM152 2009 template to the subject
    (:mod:`rankcore.mri.register`), then the template's GM/WM/CSF maps and region labels
    (:mod:`rankcore.mri.regions`) pulled onto the subject's grid;
-3. a 3-class Gaussian mixture fitted by EM whose per-voxel class weights are the pulled
-   template maps, mixed with a uniform floor (``config.tissue_prior_floor``) and rescaled per
-   class by a weight the EM also fits (as SPM's unified segmentation, Ashburner & Friston
-   2005, eq. 3): a subject with more CSF than the template is not held to the template's
-   proportions, and a misaligned prior cannot force a class on a voxel that clearly
-   belongs to another;
+3. per-voxel GM/WM/CSF fractions from a partial-volume mixture fitted by EM
+   (:func:`fit_em`: pure classes plus CSF/GM, GM/WM and CSF/WM mixed classes) whose per-voxel
+   class weights are the pulled template maps, mixed with a uniform floor
+   (``config.tissue_prior_floor``) and rescaled per class by a weight the EM also fits (the
+   mixing proportions of SPM's unified segmentation, Ashburner & Friston 2005): a subject
+   with more CSF than the template is not held to the template's proportions, and a
+   misaligned prior cannot force a class on a voxel that clearly belongs to another;
 4. features (:data:`TISSUE_FEATURES`): global fractions (of the brain mask) and volumes (ml),
-   the classes' means and standard deviations relative to the WM mean, per-region tissue
-   fractions and mean intensity (relative to the WM mean), and the affine map.
+   the pure classes' means and noise relative to the WM mean, per-region tissue fractions and
+   mean intensity (relative to the WM mean), and the affine map.
 
 A scan whose classification cannot be trusted raises ``QuarantineError("tissue_failed")``
 (:func:`check_tissue`): registration overlap or scale implausible, class means not ordered
-CSF < GM < WM (not a T1 contrast), too little contrast, or implausible tissue fractions.
+CSF < GM < WM (not a T1 contrast), too little contrast, CSF not dark (no CSF in the mask),
+or implausible tissue fractions.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ class TissueResult:
     summary: str
 
 
-#: The two partial-volume classes: (lower, upper) pure class index in CLASSES order.
+#: The partial-volume classes: (darker, brighter) pure class index in CLASSES order.
 _MIXES = ((2, 0), (0, 1), (2, 1))  # CSF/GM, GM/WM, CSF/WM
 
 
