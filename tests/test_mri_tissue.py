@@ -250,3 +250,51 @@ def test_a_cache_written_before_tissue_is_stale_and_rebuilt(tmp_path, subjects):
     view = open_cache(cache)  # the stale folder is skipped
     assert view.layout.digest == CFG.digest() != old_digest
     assert view.has_tissue
+
+
+# ----------------------------------------------------------------------------- checks, config
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"dice": 0.6}, r"\(Dice\) 0.600 < 0.85"),
+    ({"scale": 0.6}, "template scale 0.60"),
+    ({"mu": np.array([0.3, 0.2, 0.9])}, "not ordered CSF < GM < WM"),
+    ({"noise": 0.5}, "no tissue contrast"),
+    ({"mu": np.array([0.8, 1.0, 0.6])}, "no dark CSF"),
+    ({"fractions": np.array([0.9, 0.05, 0.05])}, "GM fraction 0.900"),
+])
+def test_check_tissue_names_what_failed(kwargs, match):
+    from rankcore.mri.tissue import check_tissue
+
+    good = {"dice": 0.98, "scale": 1.0, "mu": np.array([0.75, 1.0, 0.25]), "noise": 0.06,
+            "fractions": np.array([0.48, 0.36, 0.16]), "source": "x.nii.gz", "spacing": 2.0}
+    check_tissue(**good)  # passes
+    with pytest.raises(QuarantineError, match=match) as err:
+        check_tissue(**{**good, **kwargs})
+    assert err.value.category == "tissue_failed"
+
+
+def test_csf_darkness_is_not_checked_on_coarse_grids():
+    from rankcore.mri.tissue import check_tissue
+
+    check_tissue(0.98, 1.0, np.array([0.8, 1.0, 0.6]), 0.06, np.array([0.48, 0.36, 0.16]),
+                 "x", spacing=6.0)
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"tissue": 1}, "`tissue` must be true or false"),
+    ({"bias_shrink_mm": 0.1}, "`bias_shrink_mm` must be"),
+    ({"register_mm": 40}, "`register_mm` must be"),
+    ({"tissue_prior_floor": 1.0}, "`tissue_prior_floor` must be in"),
+    ({"tissue_method": "other"}, "`tissue_method` must be"),
+])
+def test_tissue_settings_are_validated(kwargs, match):
+    with pytest.raises(InputError, match=match):
+        PreprocessConfig(**kwargs)
+
+
+def test_tissue_settings_change_the_digest():
+    base = PreprocessConfig()
+    assert base.tissue
+    for kw in ({"tissue": False}, {"register_mm": 6.0}, {"tissue_prior_floor": 0.2}):
+        assert PreprocessConfig(**kw).digest() != base.digest()
