@@ -8,7 +8,7 @@ Usage::
 
 Prints: the correlation of the estimated GM, WM and CSF fractions (of the brain mask) with
 the true ones of truth.tsv (pooled and within site), the registered template's Dice with the
-brain mask, the CPU seconds per step read from the cached preprocessing log, and the
+brain mask, the CPU seconds per step (re-running ``--timed`` subjects), and the
 leave-one-out MAE of a ridge of age on (a) the tissue features, (b) a 24-bin histogram of the
 normalised intensity inside the brain (what the current prior sees), each with site codes.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import re
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +44,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("cohort", type=Path)
     ap.add_argument("cache", type=Path)
+    ap.add_argument("--timed", type=int, default=10,
+                    help="re-run the preprocessing of this many subjects to time its steps")
     args = ap.parse_args()
     truth = {r["participant_id"]: r for r in csv.DictReader(
         open(args.cohort / "derivatives/simulation/truth.tsv"), delimiter="\t")}
@@ -74,14 +75,15 @@ def main() -> None:
     head = np.array([float(r["head_scale"]) for r in rows])
     print(f"affine scale vs 1/head_scale: r = {np.corrcoef(scale, 1 / head)[0, 1]:.4f}, "
           f"max abs rel err {np.max(np.abs(scale * head - 1)):.4f}")
-    secs = []
-    for a in ds.view.table.column("actions").to_pylist():
-        m = re.search(r"N4 ([\d.]+), registration ([\d.]+), EM ([\d.]+), features ([\d.]+)", a)
-        if m:
-            secs.append([float(v) for v in m.groups()])
-    if secs:
+    if args.timed:
+        from rankcore.mri.preprocess import preprocess_file
+
+        secs = []
+        for r in rows[:args.timed]:
+            pv = preprocess_file(args.cohort / r["path"], ds.view.config)
+            secs.append([pv.tissue_seconds[k] for k in ("bias", "register", "em", "features")])
         s = np.array(secs)
-        print("CPU s per subject (mean / median): " + ", ".join(
+        print(f"CPU s per subject over {len(s)} (mean / median): " + ", ".join(
             f"{n} {a:.2f}/{b:.2f}" for n, a, b in zip(_STEPS, s.mean(0), np.median(s, 0)))
               + f"; total {s.sum(1).mean():.2f}/{np.median(s.sum(1)):.2f}")
     age = ds.ages.astype(np.float64)

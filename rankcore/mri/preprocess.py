@@ -391,6 +391,7 @@ def _preprocess(data: np.ndarray, affine: np.ndarray, config: PreprocessConfig, 
         features={"brain_volume_ml": n_mask * voxel_ml, "p01": p01, "p50": p50, "p99": p99},
         tissue=None if tissue is None else tissue.probabilities,
         tissue_features=None if tissue is None else tissue.features,
+        tissue_seconds=None if tissue is None else tissue.seconds,
     )
 
 
@@ -456,5 +457,9 @@ def describe(pv: PreprocessedVolume) -> str:
     src_shape = "x".join(map(str, pv.source_shape))
     out_shape = "x".join(map(str, pv.data.shape))
     vol = pv.features.get("brain_volume_ml", float("nan"))
-    return (f"src {pv.source_orientation} {src_sp}mm {src_shape} -> RAS {_mm(pv.spacing[0])}mm "
+    line = (f"src {pv.source_orientation} {src_sp}mm {src_shape} -> RAS {_mm(pv.spacing[0])}mm "
             f"{out_shape}; {', '.join(verbs) or 'copied'}; brain {vol:.0f} ml")
+    if pv.tissue_seconds:
+        line += "; tissue CPU s " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                             pv.tissue_seconds.items())
+    return line

@@ -168,6 +168,8 @@ class PreprocessedVolume:
         tissue: float32 (3, X, Y, Z) GM, WM, CSF probabilities, or None (``config.tissue``
             off).
         tissue_features: float64 (len(rankcore.mri.tissue.TISSUE_FEATURES),), or None.
+        tissue_seconds: CPU seconds of the tissue steps ("bias", "register", "em",
+            "features"), for logs and benchmarks (not cached), or None.
     """
 
     data: np.ndarray
@@ -180,3 +182,4 @@ class PreprocessedVolume:
     features: dict[str, float] = field(default_factory=dict)
     tissue: np.ndarray | None = None
     tissue_features: np.ndarray | None = None
+    tissue_seconds: dict[str, float] | None = None
