@@ -21,7 +21,8 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, 
 
 from rankcore.errors import InputError, QuarantineError, ShapeError
 from rankcore.mri import PreprocessConfig, describe, preprocess_file, preprocess_volume
-from rankcore.mri.preprocess import _antialias, _trilinear
+from rankcore.mri.antialias import _antialias
+from rankcore.mri.preprocess import _trilinear
 
 CENTRE = np.array([4.0, -6.0, 3.0])  # mm; the field of view is centred at FOV_CENTRE
 RADII = np.array([20.0, 24.0, 16.0])
