@@ -43,7 +43,8 @@ from rankcore.mri.types import (
     PreprocessedVolume,
 )
 
-CFG = PreprocessConfig(spacing=4.0, shape=(12, 14, 10), max_voxels=50_000)
+CFG = PreprocessConfig(spacing=4.0, shape=(12, 14, 10), max_voxels=50_000,
+                       tissue=False)  # box phantoms: tissue is tested in test_mri_tissue.py
 SRC_SHAPE = (30, 34, 26)
 
 
@@ -175,8 +176,8 @@ def test_float16_encoding_saturates_instead_of_overflowing():
     assert np.isfinite(vol).all() and vol[0, 0, 0] == np.finfo(np.float16).max
 
 
-def test_metadata_columns_exclude_only_the_volume():
-    assert set(CACHE_SCHEMA.names) - set(METADATA_COLUMNS) == {"volume"}
+def test_metadata_columns_exclude_only_the_volumes():
+    assert set(CACHE_SCHEMA.names) - set(METADATA_COLUMNS) == {"volume", "tissue"}
 
 
 # ----------------------------------------------------------------------------- incremental
@@ -520,7 +521,8 @@ def test_every_quarantine_category_through_the_real_ingest(tmp_path):
     cohort = read_cohort(manifest)
     cache = tmp_path / "cache"
     s = ingest_cohort(cohort, cache, CFG, batch_size=16)  # good and bad share one batch
-    assert s.quarantined == {c: 1 for c in QUARANTINE_CATEGORIES}
+    # tissue_failed needs tissue on (CFG has it off): tests/test_mri_tissue.py covers it
+    assert s.quarantined == {c: int(c != "tissue_failed") for c in QUARANTINE_CATEGORIES}
     assert s.total == 13 and s.ingested == 3 and s.failed_fraction == pytest.approx(10 / 13)
     view = open_cache(cache)
     assert view.keys == sorted(good)  # no valid subject lost

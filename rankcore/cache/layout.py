@@ -100,6 +100,12 @@ def find_layout(cache_dir: str | Path, config: PreprocessConfig | None = None) -
                              f"(run `brainrank ingest` first), got {str(root)!r}")
         return layout
     found = sorted(p.parent.name for p in root.glob("*/manifest.json") if p.is_file())
+    current = [d for d in found if is_current(CacheLayout(root, d))]
+    if found and not current:
+        raise InputError(f"`cache_dir` {str(root)!r} must hold a cache written by this "
+                         f"brainrank version, got only stale ones ({', '.join(found)}: "
+                         f"another preprocessing); run `brainrank ingest` again to rebuild")
+    found = current
     if not found:
         raise InputError(f"`cache_dir` must hold a brainrank cache (run `brainrank ingest` "
                          f"first), got {str(root)!r}")
@@ -110,14 +116,34 @@ def find_layout(cache_dir: str | Path, config: PreprocessConfig | None = None) -
 
 
 def read_config(layout: CacheLayout) -> PreprocessConfig:
-    """The PreprocessConfig stored in ``layout.config_path``."""
+    """The PreprocessConfig stored in ``layout.config_path``.
+
+    Raises:
+        InputError: unreadable, or stale: written by a brainrank whose PreprocessConfig had
+            other settings (its digest is not the folder's name), so its rows were made by
+            another preprocessing and must not be read or mixed with new ones.
+    """
     try:
         data = json.loads(layout.config_path.read_text(encoding="utf-8"))
         data["shape"] = tuple(data["shape"])
-        return PreprocessConfig(**data)
+        config = PreprocessConfig(**data)
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise InputError(f"`config.json` of cache {str(layout.folder)!r} is unreadable: "
-                         f"{exc}") from None
+        raise InputError(f"`config.json` of cache {str(layout.folder)!r} is unreadable or "
+                         f"stale ({exc}); run `brainrank ingest` again to rebuild it") from None
+    if config.digest() != layout.digest:
+        raise InputError(f"cache {str(layout.folder)!r} is stale: its config.json has digest "
+                         f"{config.digest()} under this brainrank version; run `brainrank "
+                         f"ingest` again to rebuild it")
+    return config
+
+
+def is_current(layout: CacheLayout) -> bool:
+    """Whether ``layout``'s config.json reads as a config of this version with its digest."""
+    try:
+        read_config(layout)
+    except InputError:
+        return False
+    return True
 
 
 def _fsync_dir(folder: Path) -> None:
