@@ -37,7 +37,7 @@ class SimulateParams(_Params):
     corrupt: int = Field(0, ge=0)
     workers: int = Field(1, ge=1, le=256)
     anatomy: bool = True
-    warp_sd_mm: float = Field(2.5, ge=0, le=6)
+    warp_sd_mm: float = Field(2.5, ge=0, le=4)
 
 
 class IngestParams(_Params):

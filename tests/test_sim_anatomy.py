@@ -50,7 +50,7 @@ def _brain(tpl, warp: anatomy.Warp) -> np.ndarray:
 # --- configuration --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kwargs", [
-    {"anatomy": "yes"}, {"anatomy": 1}, {"warp_sd_mm": -1.0}, {"warp_sd_mm": 7.0},
+    {"anatomy": "yes"}, {"anatomy": 1}, {"warp_sd_mm": -1.0}, {"warp_sd_mm": 4.5},
     {"warp_sd_mm": True}, {"warp_sd_mm": float("nan")}, {"warp_sd_mm": "2"},
 ])
 def test_config_rejects_bad_anatomy_values(kwargs):
@@ -99,6 +99,12 @@ def test_warp_is_smooth_bounded_and_volume_preserving(tpl, seed):
     assert jac.min() > 0.6 and jac.max() < 1.5
     # Divergence-free: volume preserved on average and locally to first order.
     assert jac.mean() == pytest.approx(1.0, abs=0.005)
+
+
+def test_the_largest_accepted_warp_does_not_fold(tpl):
+    for seed in range(3):
+        warp = anatomy.sample_warp(tpl, seed, anatomy.MAX_WARP_SD_MM)
+        assert anatomy.jacobian_determinant(warp)[_brain(tpl, warp)].min() > 0.2
 
 
 def test_warp_is_deterministic_and_scales_with_the_setting(tpl):

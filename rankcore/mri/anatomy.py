@@ -6,10 +6,10 @@ smooth nonlinear displacement field of a few mm (what an affine registration can
 ``warp_maps`` resamples partial-volume maps through it. Both are deterministic given the
 subject's ``warp_seed`` (sample, then apply).
 
-The field is the curl of a random vector potential ``A`` (three cubic B-spline fields with
-i.i.d. standard normal coefficients on nodes every ``node_mm`` mm, anchored at MNI 0 so that
-the field does not depend on the working spacing): ``u = curl A`` is divergence-free, so the
-warp moves and reshapes structures while keeping every region's volume to first order
+The field is the curl of a random vector potential ``A``: three cubic B-spline fields with
+i.i.d. standard normal coefficients on nodes every ``node_mm`` mm, anchored at MNI 0, so that
+a seed gives the same field shape at every working spacing. ``u = curl A`` is divergence-free,
+so the warp moves and reshapes structures while keeping every region's volume to first order
 (Jacobian determinant ``1 + O(|grad u|^2)``). That keeps anatomical variability orthogonal to
 age: it is drawn independently of the subject's age, and it does not change the tissue
 volumes through which ageing acts (the truth table records the volumes actually rendered).
@@ -30,8 +30,9 @@ from rankcore.mri.mni import TemplateMaps
 
 #: Spacing (mm) of the B-spline nodes of the vector potential: the warp's smoothness scale.
 WARP_NODE_MM = 30.0
-#: Largest accepted RMS displacement (mm): beyond it the warp may fold.
-MAX_WARP_SD_MM = 6.0
+#: Largest accepted RMS displacement (mm): well below the size at which the warp folds
+#: (Jacobian determinant <= 0 somewhere in the brain).
+MAX_WARP_SD_MM = 4.0
 # The potential's nodes cover the template brain's box plus this margin (mm), whatever the
 # working grid, so that a seed gives the same field at every spacing.
 _NODE_MARGIN_MM = 64.0
@@ -118,7 +119,8 @@ def sample_warp(template: TemplateMaps, seed: int, sd_mm: float,
     if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
         raise InputError(f"`seed` must be a non-negative integer, got {seed!r}")
     s = template.spacing
-    # Evaluate on a generous padding (6 x the RMS), then keep what the moved brain needs.
+    # Evaluate on a generous padding (6 x the RMS), then keep what the moved brain needs. The
+    # truth is measured on the maps as rendered, so even a capped padding stays consistent.
     big = math.ceil(6.0 * sd_mm / s) + 1
     u = _curl_field(template, big, int(seed), node_mm)
     brain = np.pad(template.mask, big) >= 0.5

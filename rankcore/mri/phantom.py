@@ -80,7 +80,7 @@ class SimulationConfig:
         quirks: vary orientation, grid, dtype, extension and age precision between files.
         corrupt: number of extra, deliberately broken files (quarantine demo).
         anatomy: deform each subject's anatomy by its own smooth random warp.
-        warp_sd_mm: RMS displacement per axis of that warp over the brain (mm, 0-6); only
+        warp_sd_mm: RMS displacement per axis of that warp over the brain (mm, 0-4); only
             used with ``anatomy``.
     """
 
