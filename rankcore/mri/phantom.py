@@ -271,7 +271,7 @@ def render_subject(params: SubjectParams, spacing: float = 2.0,
 
 
 def subject_anatomy(template: TemplateMaps, params: SubjectParams,
-            ) -> tuple[AgedTissue, np.ndarray, np.ndarray, np.ndarray]:
+                    ) -> tuple[AgedTissue, np.ndarray, np.ndarray, np.ndarray]:
     """The subject's aged, warped tissue: (AgedTissue, brain mask, grid affine, box corners).
 
     Without a warp (``params.warp_sd_mm == 0``) these are the aged template maps on the
@@ -293,7 +293,7 @@ def subject_anatomy(template: TemplateMaps, params: SubjectParams,
     mask, gm, wm, ventricles = (np.ascontiguousarray(m[crop]) for m in maps)
     affine = warp.affine.copy()
     affine[:3, 3] += affine[:3, :3] @ np.array([c.start for c in crop])
-    box = affine[:3, :3] @ np.stack([lo, hi]).T + warp.affine[:3, 3:4]
+    box = warp.affine[:3, :3] @ np.stack([lo, hi]).T + warp.affine[:3, 3:4]  # (3, 2) world mm
     corners = np.array([[x, y, z] for x in box[0] for y in box[1] for z in box[2]])
     csf = np.maximum(mask - gm - wm, np.float32(0.0))
     ml = template.voxel_ml
