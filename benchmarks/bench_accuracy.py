@@ -13,10 +13,16 @@ irreducible floor (mean |brain age − age| over the same test subjects).
 Configurations (``--configs``; every one changes :func:`rankcore.train.default_config`):
 
     mse       MSE only (rank_loss none, diff_weight 0)
-    ld        MSE + rank_weight · diff_weight · Ld (rank_loss none)
-    sorter    + Spearman through the shipped pairwise sorter (rank_loss sorter)
-    soft      + soft Spearman (pav): the default configuration
+    ld        MSE + 10 · Ld, the reference's Ld weight (rank_loss none, preset reference)
+    sorter    + Spearman through the shipped pairwise sorter (rank_loss sorter, default w_rank)
+    soft      + soft Spearman (pairwise): the default configuration
     insample  soft, but stage 2 trained on IN-SAMPLE stage-1 estimates (no cross-fitting)
+    reference the reference's MSE + 10(S + Ld) with the shipped pairwise sorter
+
+``--rank-share 0,0.03,0.1,0.3`` sweeps the Spearman term's share of the gradient: every chosen
+configuration with a rank term runs once per share s (named ``NAME@share<s>``) with
+``rank_share=s`` (w_rank calibrated on the initial predictions of each stage; the resolved
+weight is in the card); configurations without a rank term run once.
 
 Robustness (``--loso SITE[,SITE...]``): the default configuration (soft) trained on the other
 sites and tested on every subject of SITE (an unseen scanner), one row per held-out site. Its
@@ -59,31 +65,22 @@ import numpy as np
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "mse": {"rank_loss": "none", "diff_weight": 0.0},
-    "ld": {"rank_loss": "none"},
+    "ld": {"rank_loss": "none", "objective_preset": "reference"},
     "sorter": {"rank_loss": "sorter", "sorter": "pairwise"},
     "soft": {},
     "insample": {},
+    "reference": {"objective_preset": "reference", "rank_loss": "sorter", "sorter": "pairwise"},
 }
 LABELS = {
     "mse": "(a) MSE only",
-    "ld": "(b) MSE + Ld",
+    "ld": "(b) MSE + 10·Ld",
     "sorter": "(c) + sorter Spearman (pairwise)",
-    "soft": "(d) + soft Spearman (pav, default)",
+    "soft": "(d) + soft Spearman (pairwise, default)",
     "insample": "(e) default, stage 2 in-sample",
+    "reference": "(f) reference MSE + 10(S + Ld), sorter",
 }
 log = logging.getLogger("bench_accuracy")
 _LOSO = "loso-"  # run name prefix of a held-out site: "loso-site3"
-
-
-def _base(name: str) -> str:
-    """The CONFIGS entry a run name trains with (held-out-site runs use the default)."""
-    return "soft" if name.startswith(_LOSO) else name
-
-
-def _label(name: str) -> str:
-    if name.startswith(_LOSO):
-        return f"(f) default, unseen {name[len(_LOSO):]} (trained on the other sites)"
-    return LABELS[name]
 
 
 def _world(anatomy: bool) -> str:
@@ -91,6 +88,24 @@ def _world(anatomy: bool) -> str:
     from rankcore.mri.simulate import SIMULATOR_VERSION
 
     return f"v{SIMULATOR_VERSION}-{'anat' if anatomy else 'flat'}"
+
+
+def _base(name: str) -> tuple[str, dict[str, Any]]:
+    """(configuration, its TrainConfig changes) of a run name ``NAME`` or ``NAME@share<s>``.
+
+    A held-out-site run ``loso-SITE`` trains the default configuration (soft).
+    """
+    if name.startswith(_LOSO):
+        return "soft", dict(CONFIGS["soft"])
+    base, _, share = name.partition("@share")
+    return base, {**CONFIGS[base], **({"rank_share": float(share)} if share else {})}
+
+
+def _label(name: str) -> str:
+    if name.startswith(_LOSO):
+        return f"(g) default, unseen {name[len(_LOSO):]} (trained on the other sites)"
+    base, _, share = name.partition("@share")
+    return LABELS[base] + (f", Spearman share {share}" if share else "")
 
 
 def _value(text: str) -> Any:
@@ -143,11 +158,12 @@ def _run_paths(work: str | Path, seed: int, name: str, changes: dict[str, Any],
     """(config, model folder, report folder) of one run; the folders are named by the config."""
     from rankcore.train.cascade_plan import default_config
 
-    config = {"seed": seed, **CONFIGS[_base(name)], **changes}
+    base, named = _base(name)
+    config = {"seed": seed, **named, **changes}
     # The tag covers the resolved config (library defaults included), so a run made before a
     # default changed is not reused for the new default; and the simulated world.
     resolved = default_config(**config).to_dict()
-    tag = hashlib.sha256(json.dumps([resolved, k_folds, name == "insample", _world(anatomy)],
+    tag = hashlib.sha256(json.dumps([resolved, k_folds, base == "insample", _world(anatomy)],
                                     sort_keys=True, default=str).encode()).hexdigest()[:10]
     model_dir = Path(work) / "models" / f"s{seed}-{name}-{_world(anatomy)}-{tag}"
     return config, model_dir, Path(work) / "reports" / model_dir.name
@@ -164,7 +180,7 @@ def run_one(work: str, cache_dir: str, seed: int, name: str, changes: dict[str, 
 
     config, model_dir, report_dir = _run_paths(work, seed, name, changes, k_folds, anatomy)
     kw: dict[str, Any] = {"k_folds": k_folds}
-    if name == "insample":
+    if _base(name)[0] == "insample":
         kw["stage2_source"] = "insample"
     t0 = time.perf_counter()
     result = train_cascade(cache_dir, model_dir, config, workers=1, **kw)
@@ -229,6 +245,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="parallel training processes")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="TrainConfig change applied to every configuration (JSON values)")
+    ap.add_argument("--rank-share", default=None, metavar="S1,S2,...",
+                    help="Spearman gradient shares to sweep (e.g. 0,0.03,0.1,0.3): configs "
+                         "with a rank term run once per share")
     ap.add_argument("--work", default="/tmp/bench_accuracy")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--anatomy", action=argparse.BooleanOptionalAction, default=True,
@@ -247,6 +266,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - set(CONFIGS))
     if unknown:
         ap.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
+    if args.rank_share:
+        swept = [float(v) for v in args.rank_share.split(",") if v]
+        if any(not 0 <= v < 1 for v in swept):
+            ap.error(f"--rank-share values must be in [0, 1), got {args.rank_share}")
+        names = [n if CONFIGS[n].get("rank_loss") == "none" else f"{n}@share{v:g}"
+                 for n in names for v in (swept if CONFIGS[n].get("rank_loss") != "none"
+                                          else [None])]
     loso = tuple(dict.fromkeys(x for x in args.loso.split(",") if x))
     names += [f"{_LOSO}{site}" for site in loso]
     changes: dict[str, Any] = {}
@@ -284,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=get_context("spawn")) \
             as pool:
         futures = {pool.submit(run_one, str(work),
-                               str(caches[s]["" if n == _base(n) else n]), s, n, changes,
+                               str(caches[s][n if n.startswith(_LOSO) else ""]), s, n, changes,
                                args.k_folds, args.anatomy): (s, n) for s, n in tasks}
         for fut in as_completed(futures):
             seed, name = futures[fut]
