@@ -48,6 +48,10 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corrupt", type=int, default=S,
                    help="add this many deliberately broken files (0)")
     p.add_argument("--workers", type=int, default=S, help="processes (1)")
+    p.add_argument("--no-anatomy", dest="anatomy", action="store_false", default=S,
+                   help="no per-subject anatomical warp: every brain is the template's")
+    p.add_argument("--warp-sd-mm", type=float, default=S,
+                   help="RMS displacement of the anatomical warp, mm (2.5)")
 
 
 def _add_ingest(p: argparse.ArgumentParser) -> None:

@@ -23,7 +23,11 @@ class _Params(BaseModel):
 
 
 class SimulateParams(_Params):
-    """`brainrank simulate`: write a simulated BIDS-style cohort."""
+    """`brainrank simulate`: write a simulated BIDS-style cohort.
+
+    ``anatomy``: deform each subject's anatomy by its own smooth random warp of RMS
+    ``warp_sd_mm`` mm (rankcore.mri.anatomy); off, every brain is the template's anatomy.
+    """
 
     out_dir: str
     subjects: int = Field(200, ge=2, le=100_000)
@@ -32,6 +36,8 @@ class SimulateParams(_Params):
     sites: int = Field(3, ge=1, le=64)
     corrupt: int = Field(0, ge=0)
     workers: int = Field(1, ge=1, le=256)
+    anatomy: bool = True
+    warp_sd_mm: float = Field(2.5, ge=0, le=4)
 
 
 class IngestParams(_Params):

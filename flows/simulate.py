@@ -18,7 +18,8 @@ def simulate_flow(params: SimulateParams) -> str:
     """Simulate ``params.subjects`` subjects into ``params.out_dir``; return the cohort root."""
     logger = get_run_logger()
     root = simulate_cohort_task(params.out_dir, params.subjects, params.seed, params.spacing,
-                                params.sites, params.corrupt, params.workers)
+                                params.sites, params.corrupt, params.workers,
+                                anatomy=params.anatomy, warp_sd_mm=params.warp_sd_mm)
     logger.info("simulated %d subjects (seed %d) into %s", params.subjects, params.seed, root)
     return root
 
