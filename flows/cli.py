@@ -7,6 +7,7 @@ module, and with it Prefect, only when it runs. Every option can also come from 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -224,6 +225,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=S, help="flow runs at a time")
 
 
+#: command -> the parameter naming what it writes (locked for the run: one writer at a time).
+OUTPUT_FIELDS: dict[str, str] = {
+    "simulate": "out_dir", "pretrain-sorter": "out", "train": "out", "evaluate": "out",
+    "predict": "out", "pipeline": "out",
+}
+
 _ADDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "simulate": _add_simulate,
     "ingest": _add_ingest,
@@ -277,7 +284,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_params = _config.build_params(model, given, getattr(args, "config", None))
         _prepare_environment()
         module = importlib.import_module(module_name)
-        return int(module.run_cli(run_params))
+        from rankcore._lock import run_lock
+        from tasks._logs import quiet_own_errors
+
+        quiet_own_errors()
+        with contextlib.ExitStack() as stack:
+            field = OUTPUT_FIELDS.get(args.command)
+            if field is not None:
+                stack.enter_context(run_lock(getattr(run_params, field), field))
+            return int(module.run_cli(run_params))
     except BrainrankError as exc:
         print(f"brainrank {args.command}: error: {exc}", file=sys.stderr)
         return 2

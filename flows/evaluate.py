@@ -15,6 +15,7 @@ import sys
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows._server import temporary_server
 from flows.params import EvaluateParams
 from rankcore.errors import BrainrankError
 from rankcore.report.render import metrics_rows
@@ -67,7 +68,8 @@ def run_cli(params: EvaluateParams) -> int:
         # Unusable input fails here, in one line, before a flow run (and its logs) starts.
         check_evaluation(params.model_dir, params.cache, params.out, split=params.split,
                          device=_device(params))
-        result = evaluate_flow(params)
+        with temporary_server():
+            result = evaluate_flow(params)
     except BrainrankError as exc:
         print(f"brainrank evaluate: error: {exc}", file=sys.stderr)
         return 2

@@ -29,6 +29,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
 from flows._run_state import STAGES, RunLayout, RunState, digest, read_run_state, sha256_file
+from flows._server import temporary_server
 from flows.evaluate import evaluate_flow
 from flows.ingest import ingest_flow
 from flows.params import PipelineParams
@@ -334,7 +335,8 @@ def run_cli(params: PipelineParams) -> int:
     """
     try:
         RunLayout.check(params.out)  # an unusable RUN_DIR fails here, before a flow run starts
-        result = pipeline_flow(params)
+        with temporary_server():
+            result = pipeline_flow(params)
     except BrainrankError as exc:
         print(f"brainrank pipeline: error: {exc}", file=sys.stderr)
         state = read_run_state(params.out) or {}

@@ -26,6 +26,7 @@ from prefect.artifacts import (
 from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
+from flows._server import temporary_server
 from flows.params import TrainParams
 from rankcore.errors import BrainrankError
 from rankcore.train.cascade_plan import CARD_FILE, default_config
@@ -149,7 +150,8 @@ def run_cli(params: TrainParams) -> int:
     try:
         # Unusable input fails here, in one line, before a flow run (and its logs) starts.
         plan_cascade(args.pop("cache"), args.pop("out"), args.pop("config"), **args)
-        summary = train_flow(params)
+        with temporary_server():
+            summary = train_flow(params)
     except BrainrankError as exc:
         print(f"brainrank train: error: {exc}", file=sys.stderr)
         return 2
