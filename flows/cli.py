@@ -116,6 +116,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help="pick the cache of this voxel size (mm) when it holds several")
     p.add_argument("--shape", type=int, nargs=3, default=S, metavar=("X", "Y", "Z"),
                    help="pick the cache of this grid when it holds several")
+    p.add_argument("--allow-incomplete-cache", action="store_true", default=S,
+                   help="use a cache whose ingest was interrupted (refused by default; "
+                        "results then cover only the subjects cached so far)")
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
@@ -132,6 +135,9 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", action="store_true", default=S, help="predict on CUDA")
     p.add_argument("--no-store-bias", dest="store_bias", action="store_false", default=S,
                    help="do not store the fitted bias correction in MODEL_DIR/bias.json")
+    p.add_argument("--allow-incomplete-cache", action="store_true", default=S,
+                   help="use a cache whose ingest was interrupted (refused by default; "
+                        "results then cover only the subjects cached so far)")
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
