@@ -8,7 +8,8 @@ the "sub-" prefix in participants.tsv get it. A ``sub-X/sub-X_sessions.tsv`` wit
 A session folder holding several T1w images (acq-/run- variants) keeps the first by name;
 the others are quarantined as `duplicate_id`. Several participants.tsv rows for one id, or
 several sessions.tsv rows for one session, are one row when identical (with a note) and all
-set aside as `duplicate_id` when they differ (then the subject's or session's images too). A participant with no image is `missing_file`.
+set aside as `duplicate_id` when they differ (then the subject's or session's images too).
+A participant with no image is `missing_file`.
 An image of a subject absent from participants.tsv has no age: it is `bad_age` when ages are
 required, and a row without metadata otherwise (prediction needs only the image).
 Without participants.tsv the folder is accepted only when ages are not required.
