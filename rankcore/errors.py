@@ -46,3 +46,7 @@ class LockError(InputError):
 
 class IncompleteCacheError(InputError):
     """A cache was left by an interrupted ingest (its manifest says ``complete: false``)."""
+
+
+class CorruptFileError(InputError):
+    """A file brainrank wrote no longer matches its checksum; the message names the file."""

@@ -36,12 +36,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rankcore._sealed import CHECKSUM_KEY, parse_sealed, seal
 from rankcore.errors import InputError
 from rankcore.mri.types import PreprocessConfig
 
-MANIFEST_FORMAT = 2
-#: Manifest formats this version reads (1: a sha256 per shard instead of a CRC-32).
-_READABLE_FORMATS = (1, 2)
+MANIFEST_FORMAT = 3
+#: Manifest formats this version reads (1: a sha256 per shard instead of a CRC-32; 1 and 2:
+#: no checksum of the manifest itself, which format 3 carries, see rankcore._sealed).
+_READABLE_FORMATS = (1, 2, 3)
 #: Read size when checksumming a file.
 _CHUNK = 1 << 20
 _TMP_PREFIX = ".tmp-"
@@ -114,10 +116,15 @@ def read_config(layout: CacheLayout) -> PreprocessConfig:
     try:
         data = json.loads(layout.config_path.read_text(encoding="utf-8"))
         data["shape"] = tuple(data["shape"])
-        return PreprocessConfig(**data)
+        config = PreprocessConfig(**data)
     except (OSError, ValueError, TypeError, KeyError) as exc:
         raise InputError(f"`config.json` of cache {str(layout.folder)!r} is unreadable: "
                          f"{exc}") from None
+    if config.digest() != layout.digest:
+        raise InputError(f"`config.json` of cache {str(layout.folder)!r} is corrupt: it "
+                         f"describes config {config.digest()}, not the folder's "
+                         f"{layout.digest}; delete the folder to rebuild it")
+    return config
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -261,7 +268,10 @@ def read_manifest(layout: CacheLayout) -> Manifest:
     if not layout.manifest_path.exists():
         return Manifest(layout.digest)
     try:
-        d = json.loads(layout.manifest_path.read_text(encoding="utf-8"))
+        d = parse_sealed(layout.manifest_path.read_bytes().decode("utf-8"), "manifest.json",
+                         required=False)
+        if CHECKSUM_KEY not in d and int(d["format"]) >= 3:
+            raise ValueError("its `checksum` is missing")
         if int(d["format"]) not in _READABLE_FORMATS:
             raise ValueError(f"format {d['format']} is not one of {_READABLE_FORMATS}")
         manifest = Manifest(digest=str(d["preproc_digest"]),
@@ -278,7 +288,7 @@ def read_manifest(layout: CacheLayout) -> Manifest:
 
 def write_manifest(layout: CacheLayout, manifest: Manifest) -> None:
     """Atomically replace the manifest."""
-    text = json.dumps(manifest.to_dict(), indent=1, sort_keys=True)
+    text = json.dumps(seal(manifest.to_dict()), indent=1, sort_keys=True)
     atomic_write_bytes(layout.manifest_path, text.encode())
 
 
