@@ -64,7 +64,7 @@ def memory_budget(available: int | None = None) -> int:
 
 
 def _gib(n: float) -> str:
-    return f"{n / (1 << 30):.2g} GiB"
+    return f"{n / (1 << 30):.2g} GiB" if n >= 1 << 30 else f"{n / (1 << 20):.3g} MiB"
 
 
 def check_output_grid(shape: Sequence[int], spacing: float, *,
