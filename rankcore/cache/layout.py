@@ -22,7 +22,6 @@ a sha256 per shard instead (``"sha256:<hex>"`` once read); both are verified.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -79,10 +78,6 @@ class CacheLayout:
     @property
     def quarantine_path(self) -> Path:
         return self.folder / "quarantine.parquet"
-
-    @property
-    def lock_path(self) -> Path:
-        return self.folder / ".lock"
 
     def shard_path(self, name: str) -> Path:
         return self.shard_dir / name
@@ -320,20 +315,15 @@ def remove_strays(layout: CacheLayout, manifest: Manifest) -> list[str]:
 def cache_lock(layout: CacheLayout) -> Iterator[None]:
     """Hold an exclusive lock on the cache folder while ingesting (one writer at a time).
 
+    The lock is :func:`rankcore._lock.run_lock` on the config's folder (the file
+    ``cache_dir/.<digest>.lock`` while held, none after; a lock left by a killed ingest is
+    taken over).
+
     Raises:
-        InputError: another process holds the lock.
+        LockError: another live process holds the lock (the message names it).
     """
+    from rankcore._lock import run_lock
+
     layout.folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(layout.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(f"`cache_dir` {str(layout.folder)!r} is being written by another "
-                             f"ingest; wait for it to finish") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    with run_lock(layout.folder, "cache_dir"):
+        yield
