@@ -142,6 +142,10 @@ class RunState:
     def __init__(self, layout: RunLayout, params: dict[str, Any]):
         self.layout = layout
         self._before: dict[str, Any] = {}
+        # A run killed while saving leaves its temporary file; this run holds the folder's
+        # lock, so no other writer owns one.
+        for stray in layout.run_dir.glob(f".{RUN_FILE}.tmp*"):
+            stray.unlink(missing_ok=True)
         #: Why the last run's record was not used (a corrupt pipeline.json), or None.
         self.problem = run_state_problem(layout.run_dir)
         old = read_run_state(layout.run_dir) or {}

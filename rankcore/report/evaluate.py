@@ -81,6 +81,18 @@ def _prepare_out_dir(out_dir: Path) -> None:
                          "(metrics.json): choose another folder")
 
 
+def _sweep(out_dir: Path) -> None:
+    """Remove what a killed earlier run left next to ``out_dir`` (callers hold its lock):
+    unfinished reports, and restore a replaced report whose successor never arrived."""
+    for old in out_dir.parent.glob(f".{out_dir.name}.old-*"):
+        if not out_dir.exists():
+            os.replace(old, out_dir)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _swap_in(tmp: Path, out_dir: Path) -> None:
     """Rename the finished ``tmp`` onto ``out_dir`` (replacing an earlier report)."""
     old = None
@@ -336,6 +348,7 @@ def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | 
     metrics = _json_safe(metrics)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _sweep(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

@@ -119,7 +119,8 @@ class CascadeResult:
 
 def _prune(folder: Path) -> None:
     """Drop the per-epoch checkpoints (optimizer states) of a finished stage folder."""
-    for p in folder.glob("epoch-*"):
+    # ".epoch-*" are temporary epoch folders left by a process killed while writing one.
+    for p in (*folder.glob("epoch-*"), *folder.glob(".epoch-*")):
         shutil.rmtree(p, ignore_errors=True)
     (folder / "latest.json").unlink(missing_ok=True)
 
