@@ -114,6 +114,8 @@ def _open_model_cache(cache_dir: str | Path, config: Any) -> Any:
     from rankcore.cache import open_cache
     from rankcore.cache.layout import CacheLayout, read_config
 
+    if CacheLayout.for_config(Path(cache_dir), config).manifest_path.is_file():
+        return open_cache(cache_dir, config)  # the model's config is there: its own errors
     try:
         return open_cache(cache_dir, config)
     except InputError:
