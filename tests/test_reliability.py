@@ -295,3 +295,24 @@ def test_a_child_started_with_die_with_parent_ends_with_its_parent(tmp_path):
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(child)
+
+
+def test_the_reaper_ends_descendants_that_outlive_a_killed_parent():
+    # Ray's raylet starts agents that survive their driver's kill -9; the reaper ends them.
+    code = ("import subprocess, sys, time\nfrom rankcore._reaper import reap_descendants_on_death\n"
+            "reap_descendants_on_death()\n"
+            "mid = subprocess.Popen([sys.executable, '-c', 'import subprocess, time; p = "
+            "subprocess.Popen([\"sleep\", \"300\"], start_new_session=True); print(p.pid, "
+            "flush=True); time.sleep(300)'], stdout=subprocess.PIPE, text=True)\n"
+            "print(mid.pid, mid.stdout.readline().strip(), flush=True)\ntime.sleep(300)\n")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": os.getcwd()})
+    pids = [int(p) for p in parent.stdout.readline().split()]
+    time.sleep(1.5)  # the watchdog has seen them
+    assert all(_alive(p) for p in pids)
+    parent.send_signal(signal.SIGKILL)
+    parent.wait()
+    deadline = time.monotonic() + 10
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(p) for p in pids)
