@@ -1,5 +1,8 @@
 # Two user-facing targets: `make demo` (the main job) and `make test`.
 PYTHON ?= python3
+# Where torch comes from. Empty: the default index (PyPI), which serves the CUDA build on Linux.
+# CPU-only hosts: make test TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -7,9 +10,14 @@ STAMP  := $(VENV)/.installed
 .PHONY: test demo
 
 $(STAMP): pyproject.toml constraints.txt
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
+		echo "brainrank needs Python >= 3.11, but PYTHON=$(PYTHON) is \
+	$$($(PYTHON) --version 2>&1 || echo missing); run make again with PYTHON=python3.11 (or newer)" >&2; \
+		exit 2; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -c constraints.txt "torch==2.13.0"
+	$(PY) -m pip install --quiet -c constraints.txt $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) \
+		"torch==2.13.0"
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 

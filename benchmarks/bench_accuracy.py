@@ -12,10 +12,16 @@ over the same test subjects).
 Configurations (``--configs``; every one changes :func:`rankcore.train.default_config`):
 
     mse       MSE only (rank_loss none, diff_weight 0)
-    ld        MSE + rank_weight · diff_weight · Ld (rank_loss none)
-    sorter    + Spearman through the shipped pairwise sorter (rank_loss sorter)
-    soft      + soft Spearman (pav): the default configuration
+    ld        MSE + 10 · Ld, the reference's Ld weight (rank_loss none, preset reference)
+    sorter    + Spearman through the shipped pairwise sorter (rank_loss sorter, default w_rank)
+    soft      + soft Spearman (pairwise): the default configuration
     insample  soft, but stage 2 trained on IN-SAMPLE stage-1 estimates (no cross-fitting)
+    reference the reference's MSE + 10(S + Ld) with the shipped pairwise sorter
+
+``--rank-share 0,0.03,0.1,0.3`` sweeps the Spearman term's share of the gradient: every chosen
+configuration with a rank term runs once per share s (named ``NAME@share<s>``) with
+``rank_share=s`` (w_rank calibrated on the initial predictions of each stage; the resolved
+weight is in the card); configurations without a rank term run once.
 
 ``--set key=value`` changes every configuration further (e.g. ``--set diff_weight=0.1``); the
 runs are named by a digest of their config, so changed settings get their own model folders.
@@ -50,19 +56,32 @@ import numpy as np
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "mse": {"rank_loss": "none", "diff_weight": 0.0},
-    "ld": {"rank_loss": "none"},
+    "ld": {"rank_loss": "none", "objective_preset": "reference"},
     "sorter": {"rank_loss": "sorter", "sorter": "pairwise"},
     "soft": {},
     "insample": {},
+    "reference": {"objective_preset": "reference", "rank_loss": "sorter", "sorter": "pairwise"},
 }
 LABELS = {
     "mse": "(a) MSE only",
-    "ld": "(b) MSE + Ld",
+    "ld": "(b) MSE + 10·Ld",
     "sorter": "(c) + sorter Spearman (pairwise)",
-    "soft": "(d) + soft Spearman (pav, default)",
+    "soft": "(d) + soft Spearman (pairwise, default)",
     "insample": "(e) default, stage 2 in-sample",
+    "reference": "(f) reference MSE + 10(S + Ld), sorter",
 }
 log = logging.getLogger("bench_accuracy")
+
+
+def _base(name: str) -> tuple[str, dict[str, Any]]:
+    """(configuration, its TrainConfig changes) of a run name ``NAME`` or ``NAME@share<s>``."""
+    base, _, share = name.partition("@share")
+    return base, {**CONFIGS[base], **({"rank_share": float(share)} if share else {})}
+
+
+def _label(name: str) -> str:
+    base, _, share = name.partition("@share")
+    return LABELS[base] + (f", Spearman share {share}" if share else "")
 
 
 def _value(text: str) -> Any:
@@ -97,11 +116,12 @@ def _run_paths(work: str | Path, seed: int, name: str, changes: dict[str, Any],
     """(config, model folder, report folder) of one run; the folders are named by the config."""
     from rankcore.train.cascade_plan import default_config
 
-    config = {"seed": seed, **CONFIGS[name], **changes}
+    base, named = _base(name)
+    config = {"seed": seed, **named, **changes}
     # The tag covers the resolved config (library defaults included), so a run made before a
     # default changed is not reused for the new default.
     resolved = default_config(**config).to_dict()
-    tag = hashlib.sha256(json.dumps([resolved, k_folds, name == "insample"],
+    tag = hashlib.sha256(json.dumps([resolved, k_folds, base == "insample"],
                                     sort_keys=True, default=str).encode()).hexdigest()[:10]
     model_dir = Path(work) / "models" / f"s{seed}-{name}-{tag}"
     return config, model_dir, Path(work) / "reports" / model_dir.name
@@ -118,7 +138,7 @@ def run_one(work: str, cache_dir: str, seed: int, name: str, changes: dict[str, 
 
     config, model_dir, report_dir = _run_paths(work, seed, name, changes, k_folds)
     kw: dict[str, Any] = {"k_folds": k_folds}
-    if name == "insample":
+    if _base(name)[0] == "insample":
         kw["stage2_source"] = "insample"
     t0 = time.perf_counter()
     result = train_cascade(cache_dir, model_dir, config, workers=1, **kw)
@@ -158,7 +178,7 @@ def table(results: list[dict[str, Any]], names: list[str]) -> str:
             ratio = [r[stage]["mae"] / r["floor"] for r in runs if r["floor"]]
             wall = _ms([r["seconds"] for r in runs if not r["reused"]], 0) \
                 if stage == "stage1" else ""
-            lines.append(f"| {LABELS[name]} | {stage} | {seeds} | "
+            lines.append(f"| {_label(name)} | {stage} | {seeds} | "
                          f"{_ms([r[stage]['mae'] for r in runs], 2)} | "
                          f"{_ms([r[stage]['srcc'] for r in runs], 3)} | "
                          f"{_ms([r[stage]['pearson_r'] for r in runs], 3)} | "
@@ -182,6 +202,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jobs", type=int, default=2, help="parallel training processes")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="TrainConfig change applied to every configuration (JSON values)")
+    ap.add_argument("--rank-share", default=None, metavar="S1,S2,...",
+                    help="Spearman gradient shares to sweep (e.g. 0,0.03,0.1,0.3): configs "
+                         "with a rank term run once per share")
     ap.add_argument("--work", default="/tmp/bench_accuracy")
     ap.add_argument("--json", default=None, help="also write the results to this file")
     ap.add_argument("--collect", action="store_true",
@@ -195,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(names) - set(CONFIGS))
     if unknown:
         ap.error(f"unknown configs {unknown}; known: {', '.join(CONFIGS)}")
+    if args.rank_share:
+        swept = [float(v) for v in args.rank_share.split(",") if v]
+        if any(not 0 <= v < 1 for v in swept):
+            ap.error(f"--rank-share values must be in [0, 1), got {args.rank_share}")
+        names = [n if CONFIGS[n].get("rank_loss") == "none" else f"{n}@share{v:g}"
+                 for n in names for v in (swept if CONFIGS[n].get("rank_loss") != "none"
+                                          else [None])]
     changes: dict[str, Any] = {}
     for item in args.set:
         key, _, value = item.partition("=")

@@ -4,13 +4,13 @@ Run: ``python benchmarks/bench_train.py [--steps K] [--threads T] [--batch-size 
 test: it prints Markdown tables (paste them into the README). In one run:
 
 1. CPU, default model and grid (80, 96, 80), the default batch (16): samples/s per worker for
-   stage 1 and stage 2 — one training step is forward + BrainAgeLoss (soft PAV Spearman) +
+   stage 1 and stage 2 — one training step is forward + BrainAgeLoss (the default soft Spearman) +
    backward + fused Adam(amsgrad) step, exactly what rankcore.train.loop runs per batch (with
    the histogram-branch counts it caches per subject) — and forward-only (validation /
    prediction, histogram counts included) samples/s.
 2. The ranking terms' share of a stage-1 step, for each surrogate (soft PAV, soft pairwise,
    every shipped sorter that can rank the batch, none): the time of
-   ``rank_term(pred, target) + diff_weight · Ld`` forward + backward on the batch's
+   ``w_rank · rank_term(pred, target) + w_diff · Ld`` forward + backward on the batch's
    predictions, over the time of the whole step with that surrogate. Target: <= 5 %.
 3. With CUDA: samples/s at 1 mm, 160 x 192 x 160, bf16 autocast, both stages (skipped with a
    note on a CPU-only host).
@@ -133,8 +133,8 @@ def rank_share(base: TrainConfig, steps: int) -> list[tuple[str, str]]:
         def terms(objective=objective, config=config, pred0=pred0, target=target):
             pred = pred0.clone().requires_grad_(True)
             t = objective.rank(pred, target) if objective.rank is not None else pred.sum() * 0
-            (config.rank_weight * (t + config.diff_weight * age_difference_loss(pred, target))
-             ).backward()
+            w = objective.weights
+            (w["rank"] * t + w["diff"] * age_difference_loss(pred, target)).backward()
 
         t_terms = _median_time(terms, max(steps * 4, 20), lambda: None)
         t_step = stage_speed(1, config, CPU_SHAPE, steps, device, amp=False)["step_s"]
@@ -172,7 +172,7 @@ def main() -> None:
           "stage 2).\n")
 
     print(f"## Ranking terms in a stage-1 step (CPU, batch {config.batch_size}; target <= 5 %)\n")
-    print("rank terms = rank_weight · (surrogate + diff_weight · Ld), forward + backward on "
+    print("rank terms = w_rank · surrogate + w_diff · Ld, forward + backward on "
           "the batch's predictions; step = the whole training step with that surrogate.\n")
     print("| surrogate | rank terms (ms) | step (ms) | share | <= 5 % |")
     print("|---|---|---|---|---|")

@@ -68,13 +68,14 @@ PipelineEvaluate = _section(
 class PipelineSorter(_Params):
     """Section `sorter`: the ranking loss the cascade trains with.
 
-    ``source``: "shipped" (the sorter shipped with brainrank named ``name``; default),
-    "file" (the sorter file ``file``), "pretrain" (pretrain one as ``pretrain`` says into
-    RUN_DIR/sorter.safetensors; on Ray Train when ``pretrain.workers`` > 1 or a Ray address is
-    given), "soft" (training-free soft ranks, no sorter) or "none" (no ranking loss).
+    ``source``: "soft" (training-free soft ranks, no sorter: the default of every command, with
+    the TrainConfig defaults for the surrogate and its weight), "shipped" (the sorter shipped
+    with brainrank named ``name``), "file" (the sorter file ``file``), "pretrain" (pretrain one
+    as ``pretrain`` says into RUN_DIR/sorter.safetensors; on Ray Train when
+    ``pretrain.workers`` > 1 or a Ray address is given) or "none" (no ranking loss).
     """
 
-    source: Literal["shipped", "file", "pretrain", "soft", "none"] = "shipped"
+    source: Literal["shipped", "file", "pretrain", "soft", "none"] = "soft"
     name: str = Field("pairwise", min_length=1)
     file: str | None = None
     pretrain: PipelinePretrain = Field(default_factory=PipelinePretrain)

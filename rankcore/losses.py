@@ -17,6 +17,7 @@ Formulas (e = pred − target, N per sequence, ranks R ascending and fractional)
   Ld = 2·var(e) with the unbiased variance: O(N) instead of O(N²).
 * ranking loss, eq. (8): Lr = Σ_i (R(ŷi) − R(yi))² = N(N² − 1)/6 · (1 − rr) without ties.
 * Spearman surrogate (SoDeep): MSE(sorter(ŷ), (N + 1 − R(y))/N) + λ_L1 · L1(ŷ, y).
+* objective (:class:`BrainAgeLoss`): regression + w_rank · S + w_diff · Ld, weights independent.
 """
 
 from __future__ import annotations
@@ -250,41 +251,112 @@ class SoftSpearmanLoss(nn.Module):
 
 
 class BrainAgeLoss(nn.Module):
-    """The combined objective of the cascade reference code (Cheng et al., TMI 2021).
+    """The brain-age objective: a regression term plus two independently weighted rank terms.
 
-    total = regression + rank_weight · (rank_term + diff_weight · Ld)
+    total = regression + rank_weight · S + diff_weight · Ld
 
-    with regression = MSE or L1 (years², years), rank_term = ``rank(pred, target)`` (0 when
-    ``rank`` is None) and Ld = :func:`age_difference_loss`. The reference uses MSE with
-    rank_weight = 10 and diff_weight = 1. Note Ld = 2·var(e) (e = pred − target), so at these
-    weights the pairwise term is ~20·var(e) and dominates the MSE (= var(e) + mean(e)²); set
-    ``diff_weight=0`` to drop it. With ``rank=None`` the Ld term still applies.
+    with regression = MSE or L1 (years², years), S = ``rank(pred, target)`` (a Spearman
+    surrogate, 0 when ``rank`` is None) and Ld = :func:`age_difference_loss` (years²). The two
+    weights are independent, so S can be given weight without raising Ld's. The reference code
+    of Cheng et al. (TMI 2021) writes the objective as MSE + λ(S + β·Ld) with λ = 10, β = 1,
+    i.e. rank_weight = λ and diff_weight = λ·β; :meth:`reference` builds exactly that.
+
+    S lives in (0, 1] while Ld = 2·var(e) (e = pred − target) is in years², and Ld's gradient
+    2·2(e − ē)/(N − 1) is nearly parallel to the MSE's 2e/N: weigh the terms by the share of
+    the gradient each carries (:mod:`rankcore.train.shares`), not by their values.
+
+    A term whose weight is 0 is left out of the total altogether, so ``rank_weight=0`` gives
+    bitwise the objective without a rank term; S is then still computed (without a graph) and
+    reported in ``parts`` as a monitor.
 
     Args:
         regression: ``"mse"`` or ``"l1"``.
         rank: A :class:`SpearmanLoss`, a :class:`SoftSpearmanLoss`, or None (no rank term).
-        rank_weight: λ >= 0, weight of the bracket.
-        diff_weight: β >= 0, weight of Ld inside the bracket.
+        rank_weight: w_rank >= 0, weight of S. Settable after construction (a calibrated
+            weight, see :func:`rankcore.train.shares.calibrate_rank_weight`).
+        diff_weight: w_diff >= 0, weight of Ld.
 
     Raises:
         InputError: unknown ``regression``, a ``rank`` that is not an nn.Module, or a
-            negative weight.
+            negative or non-finite weight.
     """
 
     def __init__(self, regression: str = "mse", rank: nn.Module | None = None,
-                 rank_weight: float = 10.0, diff_weight: float = 1.0):
+                 rank_weight: float = 1.0, diff_weight: float = 0.0):
         super().__init__()
         self.regression = check_choice(regression, "regression", ("mse", "l1"))
         if rank is not None and not isinstance(rank, nn.Module):
             raise InputError(f"`rank` must be a SpearmanLoss, a SoftSpearmanLoss or None, got "
                              f"{type(rank).__name__}")
         self.rank = rank
-        self.rank_weight = _check_weight(rank_weight, "rank_weight")
+        self.rank_weight = rank_weight
         self.diff_weight = _check_weight(diff_weight, "diff_weight")
+
+    @classmethod
+    def reference(cls, rank: nn.Module | None, lam: float = 10.0,
+                  beta: float = 1.0) -> BrainAgeLoss:
+        """The reference's bracket form MSE + λ(S + β·Ld) (TMI 2021 code: λ = 10, β = 1).
+
+        Raises:
+            InputError: a negative or non-finite ``lam`` or ``beta``, or a bad ``rank``.
+        """
+        lam, beta = _check_weight(lam, "lam"), _check_weight(beta, "beta")
+        return cls("mse", rank, rank_weight=lam, diff_weight=lam * beta)
+
+    @property
+    def rank_weight(self) -> float:
+        """w_rank, the weight of the Spearman surrogate S (0 when ``rank`` is None)."""
+        return self._rank_weight
+
+    @rank_weight.setter
+    def rank_weight(self, value: float) -> None:
+        self._rank_weight = _check_weight(value, "rank_weight")
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """The weight of each term in the total: ``{"regression": 1, "rank": w, "diff": w}``."""
+        return {"regression": 1.0, "rank": self.rank_weight if self.rank is not None else 0.0,
+                "diff": self.diff_weight}
 
     def extra_repr(self) -> str:
         return (f"regression={self.regression!r}, rank_weight={self.rank_weight}, "
                 f"diff_weight={self.diff_weight}")
+
+    def terms(self, pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The unweighted terms as scalars: ``"regression"``, ``"rank"`` (S) and ``"diff"`` (Ld).
+
+        A term of weight 0 is computed without a graph (it cannot move the predictions);
+        ``"rank"`` is a constant 0 when ``rank`` is None. Same arguments and errors as
+        :meth:`forward`.
+        """
+        pred, target = _check_pair(pred, target)
+        if self.regression == "mse":
+            regression = F.mse_loss(pred, target)
+        else:
+            regression = F.l1_loss(pred, target)
+        if self.rank is None:
+            rank_term = pred.new_zeros(())
+        elif self.rank_weight == 0:
+            with torch.no_grad():
+                rank_term = self.rank(pred, target)
+        else:
+            rank_term = self.rank(pred, target)
+        if self.diff_weight == 0:
+            with torch.no_grad():
+                diff = age_difference_loss(pred, target)
+        else:
+            diff = age_difference_loss(pred, target)
+        return {"regression": regression, "rank": rank_term, "diff": diff}
+
+    def combine(self, terms: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """``(total, parts)`` from the output of :meth:`terms` (see :meth:`forward`)."""
+        total = terms["regression"]
+        for name, weight in self.weights.items():
+            if name != "regression" and weight != 0:
+                total = total + weight * terms[name]
+        parts = dict(terms, total=total)
+        return total, {key: value.detach() for key, value in parts.items()}
 
     def forward(self, pred: torch.Tensor,
                 target: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -292,23 +364,15 @@ class BrainAgeLoss(nn.Module):
 
         Returns:
             ``(total, parts)``: the differentiable scalar total, and a dict of detached scalars
-            with keys ``"regression"``, ``"rank"``, ``"diff"`` (Ld) and ``"total"``.
+            with keys ``"regression"``, ``"rank"`` (S, unweighted), ``"diff"`` (Ld, unweighted)
+            and ``"total"``.
 
         Raises:
             ShapeError: shapes differ (no broadcasting), pred is 0-d, or N < 2.
             SorterLengthError: the rank module's sorter was trained for another length.
             InputError: non-tensor input or NaN/inf in ``target``.
         """
-        pred, target = _check_pair(pred, target)
-        if self.regression == "mse":
-            regression = F.mse_loss(pred, target)
-        else:
-            regression = F.l1_loss(pred, target)
-        rank_term = self.rank(pred, target) if self.rank is not None else pred.new_zeros(())
-        diff = age_difference_loss(pred, target)
-        total = regression + self.rank_weight * (rank_term + self.diff_weight * diff)
-        parts = {"regression": regression, "rank": rank_term, "diff": diff, "total": total}
-        return total, {key: value.detach() for key, value in parts.items()}
+        return self.combine(self.terms(pred, target))
 
 
 def _check_weight(value: float, name: str) -> float:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.stats
 import torch
+import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -285,7 +286,8 @@ def test_brain_age_loss_total_and_parts(regression):
     assert all(not v.requires_grad and v.ndim == 0 for v in parts.values())
     e = pred - target
     reg = (e**2).mean() if regression == "mse" else e.abs().mean()
-    expected = reg + 10.0 * (spearman(pred, target) + 0.5 * 2 * e.var())
+    # decoupled weights: w_rank · S + w_diff · Ld, no bracket
+    expected = reg + 10.0 * spearman(pred, target) + 0.5 * 2 * e.var()
     torch.testing.assert_close(total, expected)
     torch.testing.assert_close(parts["total"], total.detach())
     torch.testing.assert_close(parts["diff"], age_difference_loss(pred, target).detach())
@@ -301,10 +303,48 @@ def test_brain_age_loss_without_rank_term_and_gradcheck():
     total, parts = loss_fn(pred, target)
     assert parts["rank"].item() == 0.0
     torch.testing.assert_close(total, ((pred - target) ** 2).mean()
-                               + 2.0 * age_difference_loss(pred, target))
+                               + 1.0 * age_difference_loss(pred, target))
     # (SoftSpearmanLoss's gradient holds its scale fixed; it is checked on its own above)
-    full = BrainAgeLoss(rank=SpearmanLoss(TinySorter(5), l1_weight=0.1))
+    full = BrainAgeLoss(rank=SpearmanLoss(TinySorter(5), l1_weight=0.1), diff_weight=0.3)
     assert torch.autograd.gradcheck(lambda p: full(p, target)[0], (pred,))
+
+
+def test_reference_preset_is_the_bracket_form():
+    g = torch.Generator().manual_seed(9)
+    pred = torch.randn(12, dtype=torch.float64, generator=g) * 6 + 50
+    target = torch.randint(30, 70, (12,), generator=g).double()
+    soft = SoftSpearmanLoss("pairwise", 0.05)
+    ref = BrainAgeLoss.reference(soft)
+    assert (ref.rank_weight, ref.diff_weight, ref.regression) == (10.0, 10.0, "mse")
+    total, _ = ref(pred, target)
+    bracket = F.mse_loss(pred, target) + 10.0 * (soft(pred, target)
+                                                 + 1.0 * age_difference_loss(pred, target))
+    torch.testing.assert_close(total, bracket, rtol=1e-14, atol=0)
+    half = BrainAgeLoss.reference(soft, lam=4.0, beta=0.5)
+    assert (half.rank_weight, half.diff_weight) == (4.0, 2.0)
+    with pytest.raises(InputError, match="`beta`"):
+        BrainAgeLoss.reference(soft, beta=-1.0)
+
+
+def test_zero_weight_terms_are_left_out_of_the_total_bitwise():
+    g = torch.Generator().manual_seed(10)
+    pred = torch.randn(16, generator=g) * 7 + 45
+    target = torch.randint(20, 80, (16,), generator=g).float()
+    soft = SoftSpearmanLoss("pairwise", 0.05)
+    plain = BrainAgeLoss(rank=None, diff_weight=0.0)
+    built = BrainAgeLoss(rank=soft, rank_weight=0.0, diff_weight=0.0)
+    set_later = BrainAgeLoss(rank=soft, rank_weight=5.0, diff_weight=0.0)
+    set_later.rank_weight = 0.0  # as a calibration to share 0 does
+    for zero in (built, set_later):
+        p0, p1 = pred.clone().requires_grad_(), pred.clone().requires_grad_()
+        (t0, parts0), (t1, parts1) = plain(p0, target), zero(p1, target)
+        assert torch.equal(t0, t1)
+        assert parts1["rank"] > 0 and parts0["rank"] == 0  # S is still reported as a monitor
+        t0.backward()
+        t1.backward()
+        assert torch.equal(p0.grad, p1.grad)
+    with pytest.raises(InputError, match="`rank_weight`"):
+        zero.rank_weight = -0.5
 
 
 def test_brain_age_loss_validates_arguments():

@@ -55,7 +55,9 @@ def test_pipeline_params_merge_config_and_options_and_build_the_stage_params(tmp
     assert (tp.spacing, tp.shape) == (6.0, (20, 24, 20))
     ip = p.ingest_params("cohort.csv", "cache", allow_outside_root=True)
     assert ip.require_age and ip.allow_outside_root and ip.max_failed_fraction == 0.5
-    shipped = PipelineParams(out="r").train_params("c", "m")
+    default = PipelineParams(out="r").train_params("c", "m")
+    assert (default.rank_loss, default.sorter) == ("soft", None)  # the default of `train` too
+    shipped = PipelineParams(out="r", sorter={"source": "shipped"}).train_params("c", "m")
     assert (shipped.rank_loss, shipped.sorter) == ("sorter", "pairwise")
     pre = PipelineParams(out="r", sorter={"source": "pretrain"}).train_params("c", "m", "s.st")
     assert (pre.rank_loss, pre.sorter) == ("sorter", "s.st")

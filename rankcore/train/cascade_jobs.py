@@ -274,7 +274,7 @@ def stage_dir(plan: CascadePlan, job: str) -> Path:
 
 
 def stage_summary(folder: Path) -> dict[str, Any]:
-    """History, best epoch, sizes and seconds of the finished stage in ``folder``.
+    """History, best epoch, sizes, seconds and objective of the finished stage in ``folder``.
 
     Raises:
         TrainingError: the stage has not finished.
@@ -288,4 +288,4 @@ def stage_summary(folder: Path) -> dict[str, Any]:
     return {"history": history, "best_epoch": card["best_epoch"],
             "epochs_run": len(history), "n_train": card["n_train"], "n_val": card["n_val"],
             "seconds": float(sum(m.get("seconds", 0.0) for m in history)),
-            "resumes": card.get("resumes", [])}
+            "resumes": card.get("resumes", []), "objective": card.get("objective")}

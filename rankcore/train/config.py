@@ -14,12 +14,26 @@ from rankcore.errors import InputError
 from rankcore.models.backbone import BackboneConfig
 from rankcore.models.cascade import CascadeConfig
 
-__all__ = ["LR_SCHEDULES", "OPTIMIZERS", "RANK_LOSSES", "TrainConfig"]
+__all__ = ["DEFAULT_RANK_WEIGHT", "LR_SCHEDULES", "OBJECTIVE_PRESETS", "OPTIMIZERS",
+           "RANK_LOSSES", "TrainConfig"]
 
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("cosine", "plateau", "none")
 RANK_LOSSES = ("sorter", "soft", "none")
 DEVICES = ("auto", "cpu", "cuda")
+
+#: w_rank of the default objective, chosen so that the default surrogate (soft pairwise
+#: Spearman, strength 0.05) carries about a tenth of the summed gradient norms next to the MSE
+#: on a batch of 16 with prediction errors of SD 6 y (benchmarks/bench_shares.py measures it).
+#: The share grows as the errors shrink; ``rank_share`` holds it at a target instead.
+DEFAULT_RANK_WEIGHT = 250.0
+
+#: The weights each objective preset gives ``rank_weight`` and ``diff_weight`` when they are
+#: left unset (None). "reference" is Cheng et al.'s MSE + λ(S + β·Ld) with λ = 10, β = 1.
+OBJECTIVE_PRESETS: dict[str, dict[str, float]] = {
+    "default": {"rank_weight": DEFAULT_RANK_WEIGHT, "diff_weight": 0.0},
+    "reference": {"rank_weight": 10.0, "diff_weight": 10.0},
+}
 
 
 def _int(value: Any, name: str, minimum: int) -> int:
@@ -69,16 +83,32 @@ class TrainConfig:
         plateau_factor, plateau_patience: see ``lr_schedule``.
         early_stopping: stop after this many epochs without a better validation MAE (None:
             never; the reference uses 20). Ignored without validation data.
+        objective_preset: ``"default"`` or ``"reference"``; the objective is
+            regression + w_rank · S + w_diff · Ld (:class:`rankcore.losses.BrainAgeLoss`), and
+            the preset gives the weights left unset (:data:`OBJECTIVE_PRESETS`). "default":
+            w_rank = :data:`DEFAULT_RANK_WEIGHT`, w_diff = 0 (Ld's gradient is nearly parallel
+            to the MSE's). "reference": Cheng et al.'s MSE + λ(S + β·Ld), λ = 10, β = 1
+            (w_rank = 10, w_diff = 10) for reproduction; it needs ``regression="mse"`` and
+            leaves ``rank_weight``, ``diff_weight`` and ``rank_share`` unset.
         regression: ``"mse"`` or ``"l1"`` (the regression part of BrainAgeLoss).
         rank_loss: ``"soft"`` (training-free soft ranks, default), ``"sorter"`` (a learned
             SoDeep sorter: ``sorter`` names a file or a shipped sorter) or ``"none"``.
         sorter: path of a sorter ``.safetensors`` file, or the name of a shipped sorter.
-        soft_method: ``"pav"`` or ``"pairwise"`` (see rankcore.soft).
+        soft_method: ``"pairwise"`` (default) or ``"pav"`` (see rankcore.soft).
         soft_strength: soft-rank strength, in standard deviations of the batch's predictions.
-            Keep it below ~2·range/N (≈ 0.45 SD at N = 16): above it the PAV soft rank pools
-            the whole batch into one block and soft Spearman degenerates to Pearson.
-        rank_weight: λ of BrainAgeLoss (weight of the Spearman + diff bracket).
-        diff_weight: β of BrainAgeLoss (weight of the age-difference loss in the bracket).
+            For ``"pav"`` keep it below ~2·range/N (≈ 0.45 SD at N = 16): above it the PAV soft
+            rank pools the whole batch into one block and soft Spearman degenerates to Pearson.
+        rank_weight: w_rank, the weight of the Spearman surrogate S; None: the preset's value,
+            or the calibrated one when ``rank_share`` is set (then it must be None).
+        diff_weight: w_diff, the weight of the age-difference loss Ld (years²); None: the
+            preset's value.
+        rank_share: target share in [0, 1) of the Spearman term in the gradient w.r.t. the
+            predictions (share of the summed gradient norms, :mod:`rankcore.train.shares`).
+            When set, w_rank is calibrated ONCE before the first epoch on the initial model's
+            predictions (:func:`rankcore.train.shares.calibrate_rank_weight`) and then held
+            fixed, so the objective stays one function across epochs and resumption; the
+            resolved weight is recorded in the card and in every epoch's metrics, and the
+            logged shares show how the share drifts as training goes on.
         l1_weight: L1 term added inside the Spearman surrogate (SoDeep's advice).
         flip: left-right flip augmentation (each training image flipped along the RAS x axis
             with probability 1/2).
@@ -114,13 +144,15 @@ class TrainConfig:
     plateau_factor: float = 0.5
     plateau_patience: int = 5
     early_stopping: int | None = 20
+    objective_preset: str = "default"
     regression: str = "mse"
     rank_loss: str = "soft"
     sorter: str | None = None
-    soft_method: str = "pav"
-    soft_strength: float = 0.25
-    rank_weight: float = 10.0
-    diff_weight: float = 1.0
+    soft_method: str = "pairwise"
+    soft_strength: float = 0.05
+    rank_weight: float | None = None
+    diff_weight: float | None = None
+    rank_share: float | None = None
     l1_weight: float = 0.0
     flip: bool = True
     flip_tta: bool = False
@@ -159,8 +191,7 @@ class TrainConfig:
                              f"rank_loss={self.rank_loss!r} and sorter={self.sorter!r}")
         _choice(self.soft_method, "soft_method", ("pav", "pairwise"))
         _num(self.soft_strength, "soft_strength", positive=True)
-        _num(self.rank_weight, "rank_weight")
-        _num(self.diff_weight, "diff_weight")
+        self._check_objective()
         _num(self.l1_weight, "l1_weight")
         for name in ("flip", "flip_tta", "site_input", "site_prior", "amp", "channels_last",
                      "deterministic"):
@@ -176,6 +207,45 @@ class TrainConfig:
         if not isinstance(self.cascade, CascadeConfig):
             raise InputError(f"`cascade` must be a CascadeConfig, got "
                              f"{type(self.cascade).__name__}")
+
+    def _check_objective(self) -> None:
+        preset = _choice(self.objective_preset, "objective_preset", tuple(OBJECTIVE_PRESETS))
+        for name in ("rank_weight", "diff_weight"):
+            value = getattr(self, name)
+            if value is not None:
+                _num(value, name)
+                if preset == "reference":
+                    raise InputError(f"`{name}` must be None with objective_preset "
+                                     f"'reference' (it fixes λ = 10, β = 1), got {value!r}")
+        if preset == "reference" and self.regression != "mse":
+            raise InputError(f"`regression` must be 'mse' with objective_preset 'reference', "
+                             f"got {self.regression!r}")
+        if self.rank_share is None:
+            return
+        share = _num(self.rank_share, "rank_share")
+        if share >= 1:
+            raise InputError(f"`rank_share` must be in [0, 1), got {self.rank_share!r}")
+        if self.rank_weight is not None:
+            raise InputError(f"`rank_weight` must be None when `rank_share` is set (the weight "
+                             f"is calibrated), got {self.rank_weight!r}")
+        if self.rank_loss == "none":
+            raise InputError("`rank_share` must be None with rank_loss='none' (there is no "
+                             f"Spearman term), got {self.rank_share!r}")
+        if preset != "default":
+            raise InputError(f"`rank_share` must be None with objective_preset {preset!r}, "
+                             f"got {self.rank_share!r}")
+
+    def objective_weights(self) -> tuple[float | None, float]:
+        """``(w_rank, w_diff)`` with the preset's values filled in; w_rank is None when it is
+        calibrated from ``rank_share`` at the start of training (0.0 with rank_loss 'none')."""
+        preset = OBJECTIVE_PRESETS[self.objective_preset]
+        diff = preset["diff_weight"] if self.diff_weight is None else float(self.diff_weight)
+        if self.rank_loss == "none":
+            return 0.0, diff
+        if self.rank_share is not None:
+            return None, diff
+        rank = preset["rank_weight"] if self.rank_weight is None else float(self.rank_weight)
+        return rank, diff
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-JSON form; :meth:`from_dict` inverts it exactly."""

@@ -49,6 +49,13 @@ from rankcore.train.objective import build_objective, rank_convention
 from rankcore.train.predict import evaluate, flip_lr, forward_batch, predict_sharded
 from rankcore.train.prior import fit_histogram_prior
 from rankcore.train.schedule import Progress
+from rankcore.train.shares import (
+    epoch_shares,
+    loss_and_norms,
+    objective_record,
+    prepare_rank_weight,
+    share_text,
+)
 
 __all__ = ["Report", "StageResult", "resolve_device", "train_stage", "with_training_sites"]
 
@@ -265,6 +272,8 @@ def _run(stage, config, train, val, objective, device, out_dir, report, world, r
     if ckpt is None:  # a resumed model has its prior in its buffers already
         prior_info = fit_histogram_prior(model, train, device, config.eval_batch_size,
                                          per_site=config.site_prior)
+    calibration = prepare_rank_weight(objective, config, model, train, world,
+                                      card.get("objective") if ckpt is not None else None)
     net = model if world is None else world.wrap_model(model)
     base_card = {
         "stage": stage, "model": type(model).__name__, "train_config": config.to_dict(),
@@ -275,6 +284,7 @@ def _run(stage, config, train, val, objective, device, out_dir, report, world, r
         "val_ids": [] if val is None else list(val.participant_ids),
         "world_size": world_size, "resumes": resumes, "histogram_prior": prior_info,
         "age_scale": {"mean": float(model.age_mean), "std": float(model.age_std)},
+        "objective": objective_record(config, objective, calibration),
     }
     local = config.batch_size // world_size
     n_steps = len(train) // config.batch_size
@@ -306,7 +316,7 @@ def _run(stage, config, train, val, objective, device, out_dir, report, world, r
                 pred, target = world.all_gather(pred), world.all_gather(target)
             bad = None if bool(torch.isfinite(pred.detach()).all()) else "the predictions"
             if bad is None:
-                total, parts = objective(pred, target)
+                total, parts = loss_and_norms(objective, pred, target)
                 if not math.isfinite(float(total.detach())):
                     parts_text = {k: round(float(v), 4) for k, v in parts.items()}
                     bad = f"the loss ({float(total.detach())}; parts {parts_text})"
@@ -325,6 +335,7 @@ def _run(stage, config, train, val, objective, device, out_dir, report, world, r
         train_seconds = time.perf_counter() - t0
         metrics: dict[str, Any] = {"epoch": epoch, "lr": lr}
         metrics.update({f"train_{k}": v / n_steps for k, v in sums.items()})
+        metrics.update(epoch_shares(metrics, objective))
         if val is not None:
             vpred = predict_sharded(model, val, world, batch_size=config.eval_batch_size,
                                     flip_tta=config.flip_tta,
@@ -378,4 +389,5 @@ def _log_line(stage: int, config: TrainConfig, m: dict[str, Any]) -> str:
             f"diff {m['train_diff']:.3f}) train MAE {m['train_mae']:.2f}")
     if "val_mae" in m:
         line += f" | val MAE {m['val_mae']:.2f} SRCC {m['val_srcc']:.3f}"
+    line += share_text(m)
     return line + f" | lr {m['lr']:.2e} {m['seconds']:.1f}s ({m['samples_per_s']:.1f} samples/s)"

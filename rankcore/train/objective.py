@@ -39,7 +39,12 @@ def resolve_sorter(name: str) -> Path:
 
 
 def build_objective(config: TrainConfig) -> BrainAgeLoss:
-    """BrainAgeLoss(regression, rank surrogate, rank_weight, diff_weight) for ``config``.
+    """BrainAgeLoss(regression, rank surrogate, w_rank, w_diff) for ``config``.
+
+    The weights are :meth:`TrainConfig.objective_weights` (the preset's values filled in).
+    With ``config.rank_share`` set, w_rank is not known before training: the loss comes back
+    with ``rank_weight = 0`` and :func:`rankcore.train.shares.calibrate_rank_weight` sets it
+    (``train_stage`` does this before the first epoch).
 
     Raises:
         InputError: the sorter cannot be found or loaded, or it is a fixed-length sorter
@@ -63,7 +68,8 @@ def build_objective(config: TrainConfig) -> BrainAgeLoss:
             raise InputError(f"`sorter` {str(path)!r} cannot be loaded: {err}") from None
         sorter.requires_grad_(False)
         rank = SpearmanLoss(sorter, config.l1_weight)
-    return BrainAgeLoss(config.regression, rank, config.rank_weight, config.diff_weight)
+    rank_weight, diff_weight = config.objective_weights()
+    return BrainAgeLoss(config.regression, rank, rank_weight or 0.0, diff_weight)
 
 
 def rank_convention(config: TrainConfig) -> str:
