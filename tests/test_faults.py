@@ -50,7 +50,9 @@ RNG = random.Random(int(os.environ.get("BRAINRANK_FAULT_SEED", time.time_ns() % 
 
 
 def _report(what: str, **numbers) -> None:
-    print(f"\nFAULT {what}: " + ", ".join(f"{k}={v}" for k, v in numbers.items()))
+    # Past pytest's capture (capsys would swallow it): `pytest -s` shows these lines.
+    print(f"\nFAULT {what}: " + ", ".join(f"{k}={v}" for k, v in numbers.items()),
+          file=sys.__stdout__, flush=True)
 
 
 @pytest.fixture(scope="module")
