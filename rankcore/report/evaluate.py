@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from rankcore._io import remove_leftovers
 from rankcore.bias import BiasCorrection, fit_bias_correction
 from rankcore.errors import InputError
 from rankcore.inference.bias_store import BIAS_FILE, load_bias, save_bias
@@ -79,18 +80,6 @@ def _prepare_out_dir(out_dir: Path) -> None:
     if any(out_dir.iterdir()) and not (out_dir / METRICS_FILE).is_file():
         raise InputError(f"`out_dir` {str(out_dir)!r} is not empty and holds no earlier report "
                          "(metrics.json): choose another folder")
-
-
-def _sweep(out_dir: Path) -> None:
-    """Remove what a killed earlier run left next to ``out_dir`` (callers hold its lock):
-    unfinished reports, and restore a replaced report whose successor never arrived."""
-    for old in out_dir.parent.glob(f".{out_dir.name}.old-*"):
-        if not out_dir.exists():
-            os.replace(old, out_dir)
-        else:
-            shutil.rmtree(old, ignore_errors=True)
-    for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _swap_in(tmp: Path, out_dir: Path) -> None:
@@ -350,7 +339,7 @@ def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | 
     metrics = _json_safe(metrics)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    _sweep(out_dir)
+    remove_leftovers(out_dir)  # of a killed earlier run (the CLI holds the folder's lock)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
