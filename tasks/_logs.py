@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Iterator, Sequence
 
 
@@ -77,7 +78,10 @@ _filter = OwnErrorFilter()
 def quiet_own_errors() -> None:
     """Install :class:`OwnErrorFilter` on the root logger's console handlers (idempotent)."""
     for handler in logging.getLogger().handlers:
-        if isinstance(handler, logging.StreamHandler) and _filter not in handler.filters:
+        console = type(handler).__name__ == "PrefectConsoleHandler" or (
+            isinstance(handler, logging.StreamHandler)
+            and getattr(handler, "stream", None) in (sys.stderr, sys.__stderr__))
+        if console and _filter not in handler.filters:  # not a test's capturing handler
             handler.addFilter(_filter)
 
 
