@@ -107,6 +107,7 @@ def test_fused_asymmetric_conv_equals_sum_of_branches():
 def test_sex_branch_changes_output_and_can_be_disabled():
     torch.manual_seed(0)
     m = AgeRegressor().eval()
+    torch.nn.init.normal_(m.head[-1].weight)  # a fresh model's residual is zero: give it one
     x = _images(4)
     male, female = torch.ones(4), -torch.ones(4)
     assert not torch.allclose(m(x, male), m(x, female))

@@ -44,6 +44,12 @@ class SmoothSorter(nn.Module):
         return torch.sigmoid(-(z.unsqueeze(-1) - z.unsqueeze(-2))).mean(-1)
 
 
+
+def _epochs(result) -> list[dict]:
+    """The training epochs of a stage's history (epoch -1, the prior scored before training,
+    has no training terms)."""
+    return [m for m in result.history if m["epoch"] >= 0]
+
 def _batch(seed: int, n: int = 16, sd: float = 6.0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     target = torch.randint(20, 80, (n,), generator=g).double()
@@ -201,20 +207,20 @@ def test_logged_shares_equal_finite_differences_on_the_training_predictions(
     config = _cfg(rank_weight=50.0, diff_weight=0.5)
     with caplog.at_level(logging.INFO, logger="rankcore.train"):
         res = train_stage(1, config, one_batch, val, out_dir=tmp_path / "s1")
-    assert len(seen) == 2 and len(res.history) == 2
-    for (objective, pred, target), m in zip(seen, res.history):
+    assert len(seen) == 2 and len(_epochs(res)) == 2
+    for (objective, pred, target), m in zip(seen, _epochs(res)):
         fd = _fd_terms(objective, pred, target)
         for k in TERMS:  # training ran in float32: its norms agree to float32 precision
             assert m[f"train_gnorm_{k}"] == pytest.approx(fd[k], rel=2e-4)
             assert m[f"train_share_{k}"] == pytest.approx(shares(fd)[k], rel=2e-4, abs=1e-7)
         assert m["rank_weight"] == 50.0 and m["diff_weight"] == 0.5
     lines = [r.getMessage() for r in caplog.records if "epoch" in r.getMessage()]
-    share = res.history[0]["train_share_rank"]
+    share = _epochs(res)[0]["train_share_rank"]
     assert any(f"rank {share:.3f}" in line and "grad share" in line for line in lines)
     objective_card = res.card["objective"]
     assert (objective_card["rank_weight"], objective_card["diff_weight"]) == (50.0, 0.5)
     assert objective_card["calibration"] is None
-    assert res.card["history"][0]["train_share_rank"] == share
+    assert res.card["history"][1]["train_share_rank"] == share  # [0]: epoch -1
 
 
 def test_rank_share_calibrates_once_and_is_recorded(cohort, tmp_path):
@@ -224,8 +230,8 @@ def test_rank_share_calibrates_once_and_is_recorded(cohort, tmp_path):
     assert record["rank_share"] == 0.3 and record["calibration"]["batches"] == 4
     weight = record["rank_weight"]
     assert weight == record["calibration"]["rank_weight"] > 0
-    assert [m["rank_weight"] for m in res.history] == [weight, weight]  # fixed after calibration
-    first = res.history[0]["train_share_rank"]
+    assert [m["rank_weight"] for m in _epochs(res)] == [weight, weight]  # fixed after calibration
+    first = _epochs(res)[0]["train_share_rank"]
     assert 0.05 < first < 0.8  # near the target; training moves it
 
 
@@ -238,7 +244,7 @@ def test_rank_share_calibrates_stage2_on_its_own_initial_predictions(cohort, tmp
                       val.with_stage1(s1_val), out_dir=tmp_path / "s2")
     record = res.card["objective"]["calibration"]
     assert record["rank_weight"] > 0 and record["gnorm_regression"] > 0
-    assert res.history[0]["rank_weight"] == record["rank_weight"]
+    assert _epochs(res)[0]["rank_weight"] == record["rank_weight"]
 
 
 def test_rank_weight_zero_is_exactly_the_objective_without_ranking(cohort, tmp_path):
@@ -255,12 +261,12 @@ def test_rank_weight_zero_is_exactly_the_objective_without_ranking(cohort, tmp_p
         state = res.model.state_dict()
         assert state.keys() == ref_state.keys()
         assert all(torch.equal(state[k], ref_state[k]) for k in state), name
-        for m, m0 in zip(res.history, ref.history):
+        for m, m0 in zip(_epochs(res), _epochs(ref)):
             assert m["train_total"] == m0["train_total"]
             assert m["train_regression"] == m0["train_regression"]
             assert m["val_mae"] == m0["val_mae"]
             assert m["train_share_rank"] == 0.0
-        assert res.history[0]["train_rank"] > 0  # the soft Spearman term is still monitored
+        assert _epochs(res)[0]["train_rank"] > 0  # the soft Spearman term is still monitored
     assert runs["soft-share0"].card["objective"]["rank_weight"] == 0.0
 
 
@@ -286,6 +292,6 @@ def test_resume_keeps_the_calibrated_weight(cohort, tmp_path):
     resumed = train_stage(1, cfg, train, val, out_dir=tmp_path / "cut", resume=True)
     # recalibrating on the epoch-0 model would give another weight, and other weights
     assert resumed.card["objective"] == full.card["objective"]
-    assert [m["rank_weight"] for m in resumed.history] == [m["rank_weight"] for m in full.history]
+    assert [m["rank_weight"] for m in _epochs(resumed)] == [m["rank_weight"] for m in _epochs(full)]
     state, ref = resumed.model.state_dict(), full.model.state_dict()
     assert all(torch.equal(state[k], ref[k]) for k in ref)

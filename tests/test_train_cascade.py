@@ -20,6 +20,8 @@ from rankcore.train.cascade_plan import default_config, plan_cascade
 from rankcore.train.split import cache_data_digest, stratified_split, training_split
 
 CFG = {"epochs": 2, "batch_size": 4, "lr": 3e-3, "backbone": {"growth": [4, 8]}}
+#: Cross-fitted stage 2 (the GPU default; CPU runs default to stage2_source="off").
+OOF = {"k_folds": 2, "val_fraction": 0.2, "stage2_source": "oof"}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -93,7 +95,7 @@ def test_data_digest_changes_with_labels_not_with_row_layout(cache):
 def test_cascade_writes_a_complete_model_folder_and_reuses_it(cache, tmp_path, caplog):
     model_dir = tmp_path / "model"
     events = []
-    res = train_cascade(cache, model_dir, CFG, k_folds=2, val_fraction=0.2,
+    res = train_cascade(cache, model_dir, CFG, **OOF,
                         progress=events.append)
     assert not res.reused and res.model_dir == model_dir.absolute()
     assert not _staging(model_dir)
@@ -105,7 +107,7 @@ def test_cascade_writes_a_complete_model_folder_and_reuses_it(cache, tmp_path, c
     assert (model_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     card = json.loads((model_dir / "card.json").read_text())
-    plan = plan_cascade(cache, tmp_path / "other", CFG, k_folds=2, val_fraction=0.2)
+    plan = plan_cascade(cache, tmp_path / "other", CFG, **OOF)
     assert card["data"]["digest"] == plan.data_digest
     assert card["config"] == default_config(**CFG, device="cpu").to_dict()
     assert card["preprocess"]["shape"] == list(PREPROCESS.shape)
@@ -116,9 +118,9 @@ def test_cascade_writes_a_complete_model_folder_and_reuses_it(cache, tmp_path, c
     assert card["split"]["source"] == "stratified" and len(val_keys) >= 2
     assert set(card["stages"]) == {"fold-0", "fold-1", "stage1", "stage2"}
     for stage in card["stages"].values():
-        assert len(stage["history"]) == 2
+        assert [m["epoch"] for m in stage["history"]] == [-1, 0, 1]  # -1: before training
         assert {"train_total", "train_rank", "train_diff", "val_mae", "val_srcc"} <= \
-            set(stage["history"][0])
+            set(stage["history"][-1])
     assert set(card["metrics"]) == {"train_stage1_oof", "train_stage1_in_sample",
                                     "val_stage1", "val_cascade"}
 
@@ -166,12 +168,12 @@ def test_cascade_writes_a_complete_model_folder_and_reuses_it(cache, tmp_path, c
     # rerun: reused without training; another config: refused
     mtime = os.stat(model_dir / "stage1" / "model.safetensors").st_mtime_ns
     with caplog.at_level("INFO", logger="rankcore.train"):
-        again = train_cascade(cache, model_dir, CFG, k_folds=2, val_fraction=0.2)
+        again = train_cascade(cache, model_dir, CFG, **OOF)
     assert again.reused and again.card == card
     assert any("reusing" in r.getMessage() for r in caplog.records)
     assert os.stat(model_dir / "stage1" / "model.safetensors").st_mtime_ns == mtime
     with pytest.raises(InputError, match=r"another config \(epochs\)"):
-        train_cascade(cache, model_dir, {**CFG, "epochs": 3}, k_folds=2, val_fraction=0.2)
+        train_cascade(cache, model_dir, {**CFG, "epochs": 3}, **OOF)
     assert not _staging(model_dir)
 
 
@@ -187,16 +189,33 @@ def test_insample_stage2_ablation_skips_the_folds(cache, tmp_path, caplog):
     assert card["metrics"]["train_stage1_oof"] is None
     assert card["metrics"]["val_cascade"] is not None
     assert any("in-sample stage-1 estimates" in r.getMessage() for r in caplog.records)
-    oof_plan = plan_cascade(cache, tmp_path / "oof", CFG, k_folds=2, val_fraction=0.2)
+    oof_plan = plan_cascade(cache, tmp_path / "oof", CFG, **OOF)
     assert card["training_key"] != oof_plan.training_key  # never reused for the other
     assert oof_plan.jobs == ("fold-0", "fold-1", "stage1", "stage2")
     with pytest.raises(InputError, match="`stage2_source` must be one of"):
         plan_cascade(cache, tmp_path / "x", CFG, stage2_source="in-sample")
 
 
+def test_cpu_default_turns_stage2_and_cross_fitting_off(cache, tmp_path):
+    """On CPU the default stage2_source is "off": one stage-1 job, stage 2 the identity."""
+    plan = plan_cascade(cache, tmp_path / "plan", CFG, k_folds=2, val_fraction=0.2)
+    assert plan.stage2_source == "off" and plan.jobs == ("stage1", "stage2")
+    assert plan.train_config("stage2").model == "prior"
+    res = train_cascade(cache, tmp_path / "off", CFG, k_folds=2, val_fraction=0.2)
+    card = res.card
+    assert card["stage2_source"] == "off" and set(card["stages"]) == {"stage1", "stage2"}
+    assert not (res.model_dir / "crossfit").exists()
+    assert [m["epoch"] for m in card["stages"]["stage2"]["history"]] == [-1]
+    assert card["metrics"]["val_cascade"] == card["metrics"]["val_stage1"]
+    cascade, _ = load_cascade(res.model_dir)
+    x = torch.randn(2, 1, *PREPROCESS.shape)
+    final, s1 = cascade(x)
+    torch.testing.assert_close(final, s1)
+
+
 def test_nan_in_a_fold_leaves_model_dir_untouched_and_a_rerun_resumes(
         cache, tmp_path, monkeypatch):
-    clean = train_cascade(cache, tmp_path / "clean", CFG, k_folds=2, val_fraction=0.2)
+    clean = train_cascade(cache, tmp_path / "clean", CFG, **OOF)
     original = SubjectData.batch
     poison = {"on": False}
 
@@ -213,7 +232,7 @@ def test_nan_in_a_fold_leaves_model_dir_untouched_and_a_rerun_resumes(
     monkeypatch.setattr(SubjectData, "batch", batch)
     model_dir = tmp_path / "model"
     with pytest.raises(TrainingError) as err:
-        train_cascade(cache, model_dir, CFG, k_folds=2, val_fraction=0.2, progress=progress)
+        train_cascade(cache, model_dir, CFG, **OOF, progress=progress)
     msg = str(err.value)
     assert msg.startswith("fold-1: stage 1: the predictions became NaN or inf at epoch 2")
     assert "epoch-0000" in msg and "resumes" in msg
@@ -225,7 +244,7 @@ def test_nan_in_a_fold_leaves_model_dir_untouched_and_a_rerun_resumes(
 
     poison["on"] = False
     monkeypatch.setattr(SubjectData, "batch", original)
-    res = train_cascade(cache, model_dir, CFG, k_folds=2, val_fraction=0.2)
+    res = train_cascade(cache, model_dir, CFG, **OOF)
     assert not _staging(model_dir)
     assert res.card["stages"]["fold-1"]["resumes"] == [0]
     assert res.card["stages"]["fold-0"]["resumes"] == []
@@ -277,8 +296,8 @@ def test_bad_input_gives_one_clear_error_and_writes_nothing(cache, tmp_path):
 
 @pytest.mark.slow
 def test_parallel_local_jobs_give_the_sequential_weights(cache, tmp_path):
-    one = train_cascade(cache, tmp_path / "one", CFG, k_folds=2, val_fraction=0.2)
-    two = train_cascade(cache, tmp_path / "two", CFG, k_folds=2, val_fraction=0.2, workers=2)
+    one = train_cascade(cache, tmp_path / "one", CFG, **OOF)
+    two = train_cascade(cache, tmp_path / "two", CFG, **OOF, workers=2)
     assert two.card["workers"] == 2 and two.card["training_key"] == one.card["training_key"]
     for part in ("crossfit/fold-0", "crossfit/fold-1", "stage1", "stage2"):
         assert _states_equal(load_file(str(one.model_dir / part / "model.safetensors")),
@@ -288,12 +307,12 @@ def test_parallel_local_jobs_give_the_sequential_weights(cache, tmp_path):
 @pytest.mark.ray
 @pytest.mark.slow
 def test_ray_engine_trains_every_job_on_ray_train(ray_cluster, cache, tmp_path):
-    res = train_cascade(cache, tmp_path / "model", {**CFG, "epochs": 1}, k_folds=2,
-                        val_fraction=0.2, engine="ray", workers=2,
+    res = train_cascade(cache, tmp_path / "model", {**CFG, "epochs": 1}, **OOF,
+                        engine="ray", workers=2,
                         storage_path=tmp_path / "ray")
     assert res.card["engine"] == "ray"
     for job in ("fold-0", "fold-1", "stage1", "stage2"):
-        assert len(res.card["stages"][job]["history"]) == 1
+        assert [m["epoch"] for m in res.card["stages"][job]["history"]] == [-1, 0]
     _, s2 = load_stage_model(res.model_dir / "stage2")
     assert s2["world_size"] == 2
     assert np.isfinite(res.card["metrics"]["val_cascade"]["mae"])

@@ -61,11 +61,12 @@ def test_train_flow_writes_both_stages_logs_epochs_and_reuses(prefect_server, ca
         flow_logger.setLevel(level)
     json.dumps(summary)  # JSON-able
     assert not summary["reused"] and summary["model_dir"] == str(out.absolute())
-    assert set(summary["jobs"]) == {"fold-0", "fold-1", "stage1", "stage2"}
-    assert all(j["epochs_run"] == 2 for j in summary["jobs"].values())
+    # on CPU stage 2 and cross-fitting are off by default: no fold jobs, stage 2 the identity
+    assert set(summary["jobs"]) == {"stage1", "stage2"}
+    assert summary["jobs"]["stage1"]["epochs_run"] == 2
+    assert summary["jobs"]["stage2"]["epochs_run"] == 0
     for name in ("card.json", "training_curves.png", "stage1/model.safetensors",
-                 "stage1/card.json", "stage2/model.safetensors", "stage2/card.json",
-                 "crossfit/oof.csv"):
+                 "stage1/card.json", "stage2/model.safetensors", "stage2/card.json"):
         assert (out / name).is_file(), name
     card = json.loads((out / "card.json").read_text())
     assert card["data"]["digest"] == summary["data_digest"]
@@ -73,7 +74,7 @@ def test_train_flow_writes_both_stages_logs_epochs_and_reuses(prefect_server, ca
     assert card["metrics"] == summary["metrics"]
     # per-epoch lines with loss parts and validation MAE / SRCC reached the flow's log
     epoch_lines = [m for m in lines.lines if " epoch " in m and "val MAE" in m]
-    assert len(epoch_lines) == 8
+    assert len(epoch_lines) == 2
     assert all("regression" in m and "rank" in m and "SRCC" in m for m in epoch_lines)
     progress = Artifact.get("train-progress")
     assert progress is not None and float(progress.data) == pytest.approx(100.0)
@@ -136,8 +137,8 @@ def test_nan_loss_exits_2_and_keeps_the_last_good_checkpoint(prefect_server, cac
 
     def batch(self, indices, device="cpu", model=None):
         out = original(self, indices, device, model)
-        if list(tmp_path.glob("model.tmp-*/crossfit/fold-0/latest.json")):
-            # NaN images from the first batch after fold-0's first epoch checkpoint on
+        if list(tmp_path.glob("model.tmp-*/stage1/latest.json")):
+            # NaN images from the first batch after stage 1's first epoch checkpoint on
             out["image"] = torch.full_like(out["image"], float("nan"))
         return out
 
@@ -147,10 +148,10 @@ def test_nan_loss_exits_2_and_keeps_the_last_good_checkpoint(prefect_server, cac
     err = [line for line in capsys.readouterr().err.splitlines()
            if line.startswith("brainrank train")]
     assert len(err) == 1 and "became NaN or inf at epoch 2" in err[0], err
-    assert "epoch-0000" in err[0] and err[0].count("fold-0") >= 1
+    assert "epoch-0000" in err[0] and err[0].count("stage1") >= 1
     assert not out.exists()
     (staging,) = tmp_path.glob("model.tmp-*")
-    assert (staging / "crossfit" / "fold-0" / "latest.json").is_file()
+    assert (staging / "stage1" / "latest.json").is_file()
 
 
 def test_job_tasks_retry_other_errors_but_not_ours():
@@ -171,7 +172,7 @@ def test_process_pool_jobs_give_the_sequential_model(prefect_server, cache, tmp_
     one = train_flow(_params(cache, tmp_path / "one", epochs=1))
     two = train_flow(_params(cache, tmp_path / "two", epochs=1, workers=2))
     assert two["training_key"] == one["training_key"] and two["metrics"] == one["metrics"]
-    for part in ("crossfit/fold-0", "crossfit/fold-1", "stage1", "stage2"):
+    for part in ("stage1", "stage2"):
         a = load_file(str(tmp_path / "one" / part / "model.safetensors"))
         b = load_file(str(tmp_path / "two" / part / "model.safetensors"))
         assert all(torch.equal(a[k], b[k]) for k in a)

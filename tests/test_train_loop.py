@@ -133,22 +133,24 @@ def test_stage1_learns_and_checkpoints(cohort, tmp_path, caplog):
     train, val = cohort
     with caplog.at_level(logging.INFO, logger="rankcore.train"):
         res = train_stage(1, _cfg(epochs=5), train, val, out_dir=tmp_path / "s1")
-    h = res.history
-    assert len(h) == 5
+    assert res.history[0]["epoch"] == -1  # the prior alone, scored before training
+    h = res.history[1:]
+    assert [e["epoch"] for e in h] == [0, 1, 2, 3, 4]
     assert h[-1]["train_total"] < h[0]["train_total"]
     assert min(e["val_mae"] for e in h) < evaluate(np.full(len(val), train.ages.mean()),
                                                    val.ages)["mae"]
     assert {"train_regression", "train_rank", "train_diff", "val_srcc"} <= set(h[0])
     lines = [r.getMessage() for r in caplog.records if r.name == "rankcore.train"]
-    assert sum("val MAE" in m and "SRCC" in m for m in lines) == 5
+    assert sum("val MAE" in m and "SRCC" in m for m in lines) == 6
     # final files: weights equal the returned model's, card says what was trained
     out = tmp_path / "s1"
     state = load_file(str(out / "model.safetensors"))
     assert _states_equal(state, res.model.state_dict())
     card = json.loads((out / "card.json").read_text())
-    assert card["best_epoch"] == res.best_epoch == int(np.argmin([e["val_mae"] for e in h]))
+    assert card["best_epoch"] == res.best_epoch == \
+        int(np.argmin([e["val_mae"] for e in res.history])) - 1
     assert card["rank_convention"] == "ascending_fractional" and "torch" in card["versions"]
-    assert card["train_config"] == _cfg(epochs=5).to_dict() and len(card["history"]) == 5
+    assert card["train_config"] == _cfg(epochs=5).to_dict() and len(card["history"]) == 6
     # only the latest epoch folder survives (with the best weights when they differ)
     assert sorted(p.name for p in out.glob("epoch-*")) == ["epoch-0004"]
     assert (out / "epoch-0004" / "best.safetensors").exists() == (res.best_epoch != 4)
@@ -167,7 +169,8 @@ def test_stage2_trains_on_stage1_estimates(cohort, tmp_path):
     res = train_stage(2, cfg, train.with_stage1(s1_train), val.with_stage1(s1_val),
                       out_dir=tmp_path / "s2")
     assert isinstance(res.model, CorrectionRegressor)
-    assert res.history[-1]["train_total"] < res.history[0]["train_total"]
+    assert res.history[0]["epoch"] == -1  # stage 1 as it is, scored before training
+    assert res.history[-1]["train_total"] < res.history[1]["train_total"]
     final = predict(res.model, val.with_stage1(s1_val))
     assert np.all(np.abs(final - s1_val) <= 8.0)
     assert np.std(final - s1_val) > 1e-3  # corrections differ between subjects
@@ -184,7 +187,7 @@ def test_learned_sorter_surrogate(cohort, tmp_path):
     save_sorter(path, build_sorter("gru"), {})
     res = train_stage(1, _cfg(epochs=1, rank_loss="sorter", sorter=str(path)), *cohort,
                       out_dir=tmp_path / "s1")
-    assert np.isfinite(res.history[0]["train_rank"]) and res.history[0]["train_rank"] > 0
+    assert np.isfinite(res.history[-1]["train_rank"]) and res.history[-1]["train_rank"] > 0
     assert res.card["rank_convention"] == "sodeep_desc_norm"
 
 
@@ -192,12 +195,13 @@ def test_learned_sorter_surrogate(cohort, tmp_path):
 
 class _PoisonedData(SubjectData):
     """Serves NaN images once ``poison_after`` training batches have been read (a real data
-    fault); the reads of the histogram-prior fit before training are not counted."""
+    fault); the reads before training (the prior fit on training data, the scoring of the
+    prior alone as epoch -1 on validation data) are not counted."""
 
     def __init__(self, base: SubjectData, poison_after: int, training: bool = True):
         super().__init__(base._source, base._rows, base.ages, base.sex, base.participant_ids,
                          base.sites, base.stage1)
-        prior_reads = math.ceil(len(base) / _cfg().eval_batch_size) if training else 0
+        prior_reads = math.ceil(len(base) / _cfg().eval_batch_size)
         self.calls, self.poison_after = 0, poison_after + prior_reads
 
     def batch(self, indices, device="cpu", model=None):
@@ -304,7 +308,7 @@ def test_resume_continues_exactly(cohort, tmp_path):
         train_stage(1, cfg, train, val, out_dir=tmp_path / "cut", report=crash_after_second_epoch)
     assert not (tmp_path / "cut" / "card.json").exists()
     resumed = train_stage(1, cfg, train, val, out_dir=tmp_path / "cut", resume=True)
-    assert [e["epoch"] for e in resumed.history] == [0, 1, 2]
+    assert [e["epoch"] for e in resumed.history] == [-1, 0, 1, 2]
     assert resumed.card["resumes"] == [1] and full.card["resumes"] == []
     assert _states_equal(full.model.state_dict(), resumed.model.state_dict())
     # resuming a finished stage loads it instead of training again

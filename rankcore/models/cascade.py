@@ -96,16 +96,17 @@ class CorrectionRegressor(SiteInputMixin, AgeScaleMixin, nn.Module):
         config: backbone and head sizes (its own backbone, not shared with stage 1).
         cascade: how the stage-1 estimate is used and how far stage 2 may move it.
 
-    With the default configs this module has 110,143 parameters (+32 per known site).
+    With the default configs this module has 110,143 parameters (+32 per known site and per
+    tabular feature).
 
     Buffers:
         age_mean, age_std: standardisation of the stage-1 input (set with :meth:`set_age_scale`
             from the training ages, like :class:`AgeRegressor`).
 
     Shapes:
-        forward(image (B, 1, X, Y, Z), stage1 (B,) years, sex (B,) or None, site (B, S) or
-        None, hist_counts (B, hist_bins) or None) -> final (B,) years (``site`` and
-        ``hist_counts``: see :class:`AgeRegressor`).
+        forward(image (B, in_channels, X, Y, Z), stage1 (B,) years, sex (B,) or None, site
+        (B, S) or None, hist_counts (B, hist_bins) or None, features (B, F) or None) -> final
+        (B,) years (``site``, ``hist_counts`` and ``features``: see :class:`AgeRegressor`).
         :meth:`forward_parts` also returns the base (B,) and the correction (B,).
     """
 
@@ -135,17 +136,18 @@ class CorrectionRegressor(SiteInputMixin, AgeScaleMixin, nn.Module):
     def forward_parts(self, image: torch.Tensor, stage1: torch.Tensor,
                       sex: torch.Tensor | None = None, site: torch.Tensor | None = None,
                       hist_counts: torch.Tensor | None = None,
+                      features: torch.Tensor | None = None,
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return (final, base, correction), each (B,) in years (``hist_counts``: the
         image's histogram-branch counts when already computed, see
         :meth:`~rankcore.models.backbone.ScaleDense.forward`)."""
-        check_image(image)
+        check_image(image, channels=self.config.in_channels)
         b = image.shape[0]
         if not isinstance(stage1, torch.Tensor) or stage1.shape != (b,):
             got = tuple(stage1.shape) if isinstance(stage1, torch.Tensor) else type(stage1)
             raise ShapeError(f"`stage1` must have shape ({b},), got {got}")
         base = discretise(stage1.to(self.age_mean.dtype), self.cascade.bin_width)
-        parts = [self.backbone(image, hist_counts)]
+        parts = [self.backbone(image, hist_counts, features)]
         if self.sex_branch is not None:
             if sex is None:
                 sex = torch.zeros(b, device=image.device)
@@ -164,8 +166,16 @@ class CorrectionRegressor(SiteInputMixin, AgeScaleMixin, nn.Module):
 
     def forward(self, image: torch.Tensor, stage1: torch.Tensor,
                 sex: torch.Tensor | None = None, site: torch.Tensor | None = None,
-                hist_counts: torch.Tensor | None = None) -> torch.Tensor:
-        return self.forward_parts(image, stage1, sex, site, hist_counts)[0]
+                hist_counts: torch.Tensor | None = None,
+                features: torch.Tensor | None = None) -> torch.Tensor:
+        return self.forward_parts(image, stage1, sex, site, hist_counts, features)[0]
+
+    @torch.no_grad()
+    def zero_residual(self) -> None:
+        """Zero the head's last layer: the correction is then 0 and the final age stage 1's
+        estimate (rounded when ``bin_width`` is set)."""
+        self.head[-1].weight.zero_()
+        self.head[-1].bias.zero_()
 
 
 class Cascade(nn.Module):
@@ -176,9 +186,10 @@ class Cascade(nn.Module):
         stage2: the trained :class:`CorrectionRegressor`.
 
     Shapes:
-        forward(image (B, 1, X, Y, Z), sex (B,) or None, site (B, S) or None)
-        -> (final (B,), stage1 (B,)), years (both stages must know the same sites). When both
-        stages read the same histogram (same ``histogram_key``) it is computed once.
+        forward(image (B, in_channels, X, Y, Z), sex (B,) or None, site (B, S) or None,
+        features (B, F) or None) -> (final (B,), stage1 (B,)), years (both stages must know
+        the same sites). When both stages read the same histogram (same ``histogram_key``)
+        it is computed once.
     """
 
     def __init__(self, stage1: AgeRegressor, stage2: CorrectionRegressor):
@@ -187,12 +198,13 @@ class Cascade(nn.Module):
         self.stage2 = stage2
 
     def forward(self, image: torch.Tensor, sex: torch.Tensor | None = None,
-                site: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                site: torch.Tensor | None = None, features: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         b1, b2 = self.stage1.backbone, self.stage2.backbone
         counts = None  # computed once when both stages read the same histogram
         if b1.histogram is not None and b2.histogram is not None \
                 and b1.histogram_key() == b2.histogram_key():
             check_image(image)
             counts = b1.histogram_counts(image)
-        s1 = self.stage1(image, sex, site, counts)
-        return self.stage2(image, s1, sex, site, counts), s1
+        s1 = self.stage1(image, sex, site, counts, features)
+        return self.stage2(image, s1, sex, site, counts, features), s1

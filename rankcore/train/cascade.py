@@ -246,7 +246,7 @@ def train_cascade(cache_dir: str | Path, model_dir: str | Path,
                   k_folds: int = DEFAULT_K_FOLDS, val_fraction: float = DEFAULT_VAL_FRACTION,
                   preprocess: Any = None, stage2: dict[str, Any] | None = None,
                   progress: Progress | None = None,
-                  stage2_source: str = "oof") -> CascadeResult:
+                  stage2_source: str | None = None) -> CascadeResult:
     """Train the cascade on a cache and write MODEL_DIR (see the module docstring).
 
     Idempotent: when MODEL_DIR's card has this run's training key (same configs, folds and
@@ -273,8 +273,11 @@ def train_cascade(cache_dir: str | Path, model_dir: str | Path,
         preprocess: PreprocessConfig selecting the cache folder when there are several.
         stage2: overrides of ``config`` for stage 2.
         progress: called after every epoch of every job (see :data:`Progress`).
-        stage2_source: ``"oof"`` (default, cross-fitting) or ``"insample"`` (stage 2 on the
-            final stage 1's in-sample estimates, no fold jobs: an ablation only).
+        stage2_source: ``"oof"`` (cross-fitting; the default with ``use_gpu``), ``"off"``
+            (the default on CPU: no fold jobs, stage 2 written as the identity, so the
+            cascade's output is stage 1's) or ``"insample"`` (stage 2 on the final stage 1's
+            in-sample estimates, no fold jobs: an ablation only). See
+            :func:`rankcore.train.cascade_plan.plan_cascade`.
 
     Returns:
         A :class:`CascadeResult`.

@@ -30,7 +30,8 @@ import torch
 from rankcore.errors import InputError, TrainingError
 from rankcore.train.cascade_plan import CARD_FILE, CascadePlan
 from rankcore.train.checkpoint import load_stage_model
-from rankcore.train.data import SubjectData
+from rankcore.train.data import SubjectData, dataset_features
+from rankcore.train.data_sources import read_channels
 from rankcore.train.loop import StageResult, train_stage
 from rankcore.train.predict import predict
 from rankcore.train.split import DIGEST_COLUMNS, cache_data_digest
@@ -78,14 +79,18 @@ def _load_subjects(plan: CascadePlan) -> SubjectData:
     wanted = [*plan.split["train"], *plan.split["val"]]
     position = {k: i for i, k in enumerate(ds.keys)}
     rows = [position[k] for k in wanted]
-    first = np.asarray(ds.volume(rows[0]))
+    first = read_channels(ds, rows[0])
     dtype = torch.float16 if first.dtype == np.float16 else torch.float32
-    images = torch.empty((len(rows), 1, *first.shape), dtype=dtype)
+    images = torch.empty((len(rows), *first.shape), dtype=dtype)
     for j, i in enumerate(rows):
-        images[j, 0] = torch.from_numpy(np.array(ds.volume(i)))
+        images[j] = torch.from_numpy(np.array(read_channels(ds, i)))
+    features, names = dataset_features(ds)
     data = SubjectData.from_tensors(images, [ds.ages[i] for i in rows],
                                     sex=[ds.sexes[i] for i in rows], participant_ids=wanted,
-                                    sites=[ds.sites[i] for i in rows])
+                                    sites=[ds.sites[i] for i in rows],
+                                    features=None if features is None else features[rows],
+                                    feature_names=names or None,
+                                    channel_names=getattr(ds, "channel_names", None))
     _DATA[memo_key] = data
     return data
 
@@ -133,6 +138,9 @@ def fmt_years(x: float) -> str:
 # ---- jobs --------------------------------------------------------------------------------
 
 def epoch_line(job: str, m: dict[str, Any], epochs: int) -> str:
+    if m["epoch"] < 0:  # the starting point, scored before training (rankcore.train.loop)
+        return (f"{job} epoch 0/{epochs} (start: prior alone / no correction): val MAE "
+                f"{m['val_mae']:.2f} SRCC {m['val_srcc']:.3f}")
     line = (f"{job} epoch {m['epoch'] + 1}/{epochs}: loss {m['train_total']:.3f} (regression "
             f"{m['train_regression']:.3f}, rank {m['train_rank']:.4f}, diff "
             f"{m['train_diff']:.3f}) train MAE {m['train_mae']:.2f}")
@@ -242,15 +250,17 @@ def run_job(plan: CascadePlan, job: str, progress: Progress | None = None) -> di
         write_csv(out / PREDICTIONS_FILE, ["key", "role", "stage1"], rows)
     else:
         s1 = read_predictions(staging / "stage1" / PREDICTIONS_FILE, "stage1")
-        if plan.stage2_source == "insample":  # ablation: stage 1's own training estimates
+        if plan.stage2_source in ("insample", "off"):  # stage 1's own training estimates
             oof = s1
         else:
             oof = {}
             for i in range(plan.k_folds):
                 oof.update(read_predictions(staging / "crossfit" / f"fold-{i}" / HELDOUT_FILE,
                                             "stage1_oof"))
-        log.info("stage2: stage 2 on %d training subjects with %s stage-1 estimates",
-                 len(train), "in-sample" if plan.stage2_source == "insample" else "out-of-fold")
+        log.info("stage2: %s", "off: stage 2 makes no correction" if plan.stage2_source == "off"
+                 else f"stage 2 on {len(train)} training subjects with "
+                      f"{'in-sample' if plan.stage2_source == 'insample' else 'out-of-fold'} "
+                      "stage-1 estimates")
         train2 = train.with_stage1([oof[k] for k in train.participant_ids])
         val2 = None if val is None else val.with_stage1([s1[k] for k in val.participant_ids])
         out = staging / "stage2"
@@ -262,7 +272,8 @@ def run_job(plan: CascadePlan, job: str, progress: Progress | None = None) -> di
         write_csv(out / PREDICTIONS_FILE, ["key", "stage1", "cascade"], rows)
     if progress is not None and res.history:
         progress(progress_event(plan, job, res.history[-1], done=True))
-    val_mae = res.history[res.best_epoch].get("val_mae") if res.history else None
+    best = [m for m in res.history if m["epoch"] == res.best_epoch]
+    val_mae = best[0].get("val_mae") if best else None
     return {"job": job, "epochs_run": len(res.history), "best_epoch": res.best_epoch,
             "seconds": time.perf_counter() - t0, "val_mae": val_mae}
 
@@ -286,6 +297,7 @@ def stage_summary(folder: Path) -> dict[str, Any]:
             from None
     history = card["history"]
     return {"history": history, "best_epoch": card["best_epoch"],
-            "epochs_run": len(history), "n_train": card["n_train"], "n_val": card["n_val"],
+            "epochs_run": sum(1 for m in history if m["epoch"] >= 0),
+            "n_train": card["n_train"], "n_val": card["n_val"],
             "seconds": float(sum(m.get("seconds", 0.0) for m in history)),
             "resumes": card.get("resumes", []), "objective": card.get("objective")}

@@ -34,8 +34,10 @@ from rankcore.train.split import DIGEST_COLUMNS, cache_data_digest, training_spl
 __all__ = [
     "CARD_FILE",
     "CARD_FORMAT",
+    "DEFAULT_BATCH_SIZE",
     "DEFAULT_EPOCHS",
     "DEFAULT_K_FOLDS",
+    "DEFAULT_PATIENCE",
     "DEFAULT_VAL_FRACTION",
     "ENGINES",
     "EXECUTION_KEYS",
@@ -52,12 +54,16 @@ CARD_FORMAT = "brainrank-cascade/1"
 CARD_FILE = "card.json"
 ENGINES = ("local", "ray")
 #: Where stage 2's training inputs come from (see :class:`CascadePlan`).
-STAGE2_SOURCES = ("oof", "insample")
+STAGE2_SOURCES = ("oof", "insample", "off")
 
 #: Default number of cross-fitting folds on CPU (see :func:`default_config`).
 DEFAULT_K_FOLDS = 3
 #: Default epochs of every stage-1 and stage-2 job on CPU (see :func:`default_config`).
-DEFAULT_EPOCHS = 15
+DEFAULT_EPOCHS = 20
+#: Default mini-batch size on CPU (see :func:`default_config`).
+DEFAULT_BATCH_SIZE = 8
+#: Default early-stopping patience on CPU: below DEFAULT_EPOCHS, so that it can act.
+DEFAULT_PATIENCE = 10
 #: Fraction of the training pool set aside for validation when the cache names no val rows.
 DEFAULT_VAL_FRACTION = 0.1
 
@@ -66,25 +72,23 @@ EXECUTION_KEYS = ("device", "num_threads", "eval_batch_size")
 
 
 def default_config(**changes: Any) -> TrainConfig:
-    """The CPU default of a cascade run: :class:`TrainConfig` with ``epochs=DEFAULT_EPOCHS`` (15)
-    and ``num_threads=1``; ``changes`` override any field.
+    """The CPU default of a cascade run: :class:`TrainConfig` with ``epochs=DEFAULT_EPOCHS`` (20),
+    ``batch_size=DEFAULT_BATCH_SIZE`` (8), ``early_stopping=DEFAULT_PATIENCE`` (10) and
+    ``num_threads=1``; ``changes`` override any field.
 
-    Sizing, measured on this project's shared 2-core CPU (default backbone, (80, 96, 80),
-    batch 16; benchmarks/bench_train.py): 40-60 training samples/s per process with one
-    intra-op thread (forward, backward, optimiser step), 95-170 samples/s forward only. Two
-    intra-op threads were 6x SLOWER under contention (41 s instead of 7 s per epoch), hence
-    one thread. A cascade with K folds trains K + 1 stage-1 models ((K − 1)/K of the training
-    subjects each for the folds, all of them for the final one) and one stage 2: about
-    (K + 1) · E epochs over N subjects. K = 3 is the fewest folds whose fold models see two
-    thirds of the data (with K = 2 they see half, and their out-of-fold errors overstate the
-    final stage 1's). Measured end to end (loading the cache, 4 stage-1 jobs, stage 2, card)
-    on 300 cached subjects (270 train + 30 validation) with K = 3, E = 15: 353 s with
-    ``workers=1`` (load average ~3 from other users), 488 s with ``workers=2`` under a load
-    average of ~5 — on a busy machine a second process does not help; on two idle cores it
-    should run the K + 1 stage-1 jobs two at a time. Either way this leaves most of the issue's
-    15-minute budget (train 300 / test 120 on 2 cores) for simulation, ingest and evaluation.
+    With stage 2 and cross-fitting off on CPU (:func:`plan_cascade`), the budget that five jobs
+    of 15 epochs took goes to one stage-1 job: 20 epochs at batch 8 give ~680 optimiser steps
+    on 270 training subjects instead of ~250.
+
+    One intra-op thread: on a shared 2-core machine two threads per process spin against
+    each other. With cross-fitting on (``stage2_source="oof"``) a cascade with K folds trains
+    K + 1 stage-1 models ((K − 1)/K of the training subjects each for the folds, all of them
+    for the final one) and one stage 2: about (K + 1) · E epochs over N subjects; K = 3 is the
+    fewest folds whose fold models see two thirds of the data. README.md ("Performance")
+    gives the measured times.
     """
-    base: dict[str, Any] = {"epochs": DEFAULT_EPOCHS, "num_threads": 1}
+    base: dict[str, Any] = {"epochs": DEFAULT_EPOCHS, "batch_size": DEFAULT_BATCH_SIZE,
+                            "early_stopping": DEFAULT_PATIENCE, "num_threads": 1}
     base.update(changes)
     return TrainConfig.from_dict(base)
 
@@ -113,9 +117,12 @@ class CascadePlan:
         train_ages, val_ages: ages (years) in the order of ``split["train"]`` / ``["val"]``.
         folds: fold of every training subject, in the order of ``split["train"]``.
         reuse: ``model_dir`` already holds this run: nothing to train.
-        stage2_source: ``"oof"`` (default): stage 2 trains on out-of-fold stage-1 estimates
-            (cross-fitting); ``"insample"``: on the final stage 1's in-sample estimates of its
-            own training subjects (no fold jobs; the ablation the cross-fitting answers).
+        stage2_source: ``"oof"``: stage 2 trains on out-of-fold stage-1 estimates
+            (cross-fitting; the default with ``use_gpu``); ``"insample"``: on the final stage
+            1's in-sample estimates of its own training subjects (no fold jobs; the ablation
+            the cross-fitting answers); ``"off"`` (the default on CPU): no fold jobs and no
+            stage-2 training: stage 2 is written as the identity (no correction, its config's
+            ``model`` is ``"prior"``), so the cascade's output is stage 1's.
     """
 
     cache_dir: str
@@ -144,9 +151,9 @@ class CascadePlan:
         """The jobs in order: ``fold-0`` … ``fold-{k-1}``, ``stage1``, ``stage2``.
 
         Every job but ``stage2`` is independent of the others; ``stage2`` needs them all.
-        With ``stage2_source="insample"`` there are no fold jobs.
+        With ``stage2_source`` ``"insample"`` or ``"off"`` there are no fold jobs.
         """
-        if self.stage2_source == "insample":
+        if self.stage2_source in ("insample", "off"):
             return ("stage1", "stage2")
         return (*(f"fold-{i}" for i in range(self.k_folds)), "stage1", "stage2")
 
@@ -271,7 +278,7 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
                  preprocess: Any = None, engine: str = "local", workers: int = 1,
                  use_gpu: bool = False, storage_path: str | Path | None = None,
                  stage2: dict[str, Any] | None = None,
-                 stage2_source: str = "oof") -> CascadePlan:
+                 stage2_source: str | None = None) -> CascadePlan:
     """Check the inputs of a cascade run and plan it (reads metadata only; writes nothing).
 
     Args:
@@ -290,7 +297,10 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
         use_gpu: train on CUDA (local: device ``"cuda"``; ray: GPU workers).
         storage_path: Ray Train storage root (engine ray), outside ``model_dir``.
         stage2: stage-2 overrides of ``config`` (e.g. ``{"lr": 1e-4}``); None: the same.
-        stage2_source: see :class:`CascadePlan` (``"insample"`` is for ablations only).
+        stage2_source: see :class:`CascadePlan`; None: ``"oof"`` with ``use_gpu``, ``"off"``
+            on CPU (on CPU, stage 2 and cross-fitting changed the test MAE by <= 0.02 y in
+            benchmarks/bench_accuracy.py while costing four of the five training jobs).
+            ``"insample"`` is for ablations only.
 
     Returns:
         The plan (``reuse`` True when ``model_dir`` already holds this run).
@@ -312,6 +322,8 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
                          f"got {engine!r}")
     if not isinstance(use_gpu, bool):
         raise InputError(f"`use_gpu` must be true or false, got {use_gpu!r}")
+    if stage2_source is None:
+        stage2_source = "oof" if use_gpu else "off"
     if stage2_source not in STAGE2_SOURCES:
         raise InputError(f"`stage2_source` must be one of {', '.join(map(repr, STAGE2_SOURCES))}, "
                          f"got {stage2_source!r}")
@@ -320,7 +332,8 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
                          f"{type(stage2).__name__}")
     device = _resolve_devices(config, engine, use_gpu)
     config = config.replace(device=device)
-    config2 = TrainConfig.from_dict({**config.to_dict(), **(stage2 or {}), "device": device})
+    config2 = TrainConfig.from_dict({**config.to_dict(), **(stage2 or {}), "device": device,
+                                     **({"model": "prior"} if stage2_source == "off" else {})})
     for c in (config, config2):
         build_objective(c)  # a missing sorter or a sorter of another length fails here
         if engine == "ray" and c.batch_size % workers:

@@ -14,13 +14,15 @@ from rankcore.errors import InputError
 from rankcore.models.backbone import BackboneConfig
 from rankcore.models.cascade import CascadeConfig
 
-__all__ = ["DEFAULT_RANK_WEIGHT", "LR_SCHEDULES", "OBJECTIVE_PRESETS", "OPTIMIZERS",
+__all__ = ["DEFAULT_RANK_WEIGHT", "LR_SCHEDULES", "MODELS", "OBJECTIVE_PRESETS", "OPTIMIZERS",
            "RANK_LOSSES", "TrainConfig"]
 
 OPTIMIZERS = ("adam", "adamw")
 LR_SCHEDULES = ("cosine", "plateau", "none")
 RANK_LOSSES = ("sorter", "soft", "none")
 DEVICES = ("auto", "cpu", "cuda")
+#: What a stage-1 model's prediction is made of (see :class:`TrainConfig`).
+MODELS = ("prior", "network", "both")
 
 #: w_rank of the default objective, chosen so that the default surrogate (soft pairwise
 #: Spearman, strength 0.05) carries about a tenth of the summed gradient norms next to the MSE
@@ -67,6 +69,14 @@ class TrainConfig:
     """Everything one training stage needs besides the data (validated on construction).
 
     Attributes:
+        model: what the prediction is made of. ``"both"`` (default): the closed-form prior
+            (rankcore.train.prior) plus a network that learns a residual on top of it;
+            ``"prior"``: the closed-form prior alone (no optimiser step is taken);
+            ``"network"``: the network alone (no prior is fitted). For stage 2, ``"prior"``
+            means no correction (the cascade's output is stage 1's) and the other two train
+            stage 2. With validation data, the starting point (the prior alone: the
+            network's residual zeroed) is scored as epoch -1, and early stopping keeps it
+            unless a training epoch beats it.
         epochs: maximum number of epochs.
         batch_size: GLOBAL mini-batch size: the ranking terms rank this many predictions as one
             sequence; with W workers each takes ``batch_size / W`` (must divide evenly). Every
@@ -82,7 +92,8 @@ class TrainConfig:
             MAE (the reference: 0.5 after 5); ``"none"``: constant.
         plateau_factor, plateau_patience: see ``lr_schedule``.
         early_stopping: stop after this many epochs without a better validation MAE (None:
-            never; the reference uses 20). Ignored without validation data.
+            never; the reference uses 20). Ignored without validation data. Epoch -1 (the
+            starting point) counts: an epoch must beat it to be kept.
         objective_preset: ``"default"`` or ``"reference"``; the objective is
             regression + w_rank · S + w_diff · Ld (:class:`rankcore.losses.BrainAgeLoss`), and
             the preset gives the weights left unset (:data:`OBJECTIVE_PRESETS`). "default":
@@ -135,6 +146,7 @@ class TrainConfig:
         cascade: stage-2 settings (:class:`rankcore.models.CascadeConfig`).
     """
 
+    model: str = "both"
     epochs: int = 30
     batch_size: int = 16
     lr: float = 1e-3
@@ -169,6 +181,7 @@ class TrainConfig:
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
 
     def __post_init__(self) -> None:
+        _choice(self.model, "model", MODELS)
         _int(self.epochs, "epochs", 1)
         _int(self.batch_size, "batch_size", 2)
         _num(self.lr, "lr", positive=True)

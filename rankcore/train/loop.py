@@ -25,7 +25,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,7 +47,7 @@ from rankcore.train.config import TrainConfig
 from rankcore.train.data import SubjectData, as_subject_data
 from rankcore.train.objective import build_objective, rank_convention
 from rankcore.train.predict import evaluate, flip_lr, forward_batch, predict_sharded
-from rankcore.train.prior import fit_histogram_prior
+from rankcore.train.prior import fit_prior
 from rankcore.train.schedule import Progress
 from rankcore.train.shares import (
     epoch_shares,
@@ -56,8 +56,10 @@ from rankcore.train.shares import (
     prepare_rank_weight,
     share_text,
 )
+from rankcore.train.start import score_start, with_training_inputs, with_training_sites
 
-__all__ = ["Report", "StageResult", "resolve_device", "train_stage", "with_training_sites"]
+__all__ = ["Report", "StageResult", "resolve_device", "train_stage", "with_training_inputs",
+           "with_training_sites"]
 
 log = logging.getLogger("rankcore.train")
 
@@ -73,8 +75,10 @@ class StageResult:
     Attributes:
         model: the trained model (best validation epoch, or the last without validation) in
             eval mode, on the training device.
-        history: one metrics dict per epoch run.
-        best_epoch: 0-based epoch whose weights ``model`` holds.
+        history: one metrics dict per epoch run, after the starting point's (``epoch`` -1:
+            validation metrics of the prior alone, when there is validation data).
+        best_epoch: 0-based epoch whose weights ``model`` holds; -1 for the starting point
+            (the prior alone; for stage 2, no correction).
         out_dir: the stage folder (``model.safetensors`` + ``card.json`` on rank 0).
         card: the final card.
     """
@@ -160,17 +164,6 @@ def _validate(stage: int, config: TrainConfig, train: SubjectData, val: SubjectD
                                  "cross_fit_stage1 for the training data)")
 
 
-def with_training_sites(config: TrainConfig, train: SubjectData) -> TrainConfig:
-    """``config`` with ``backbone.sites`` set to the training data's sites (sorted) when
-    ``site_input`` is on, no sites were given, and the data come from >= 2 known sites."""
-    if not config.site_input or config.backbone.sites:
-        return config
-    sites = tuple(sorted({s for s in train.sites if s and s != "n/a"}))
-    if len(sites) < 2:
-        return config
-    return config.replace(backbone=replace(config.backbone, sites=sites))
-
-
 def _prepare_out_dir(out_dir: Path, resume: bool | str | Path, is_main: bool) -> bool:
     """Check ``out_dir``; create it on the main rank. Returns True if it was created here."""
     if out_dir.exists() and not out_dir.is_dir():
@@ -217,7 +210,7 @@ def train_stage(stage: int, config: TrainConfig | dict[str, Any], train_data: An
     train = as_subject_data(train_data, "train_data")
     val = None if val_data is None else as_subject_data(val_data, "val_data")
     _validate(stage, config, train, val, world)
-    config = with_training_sites(config, train)
+    config = with_training_inputs(config, train, val)
     objective = build_objective(config)
     device = resolve_device(config.device)
     rank, world_size = (0, 1) if world is None else (world.rank, world.world_size)
@@ -270,8 +263,17 @@ def _run(stage, config, train, val, objective, device, out_dir, report, world, r
             start_epoch = config.epochs
 
     if ckpt is None:  # a resumed model has its prior in its buffers already
-        prior_info = fit_histogram_prior(model, train, device, config.eval_batch_size,
-                                         per_site=config.site_prior)
+        prior_info = fit_prior(model, train, device, config.eval_batch_size,
+                               per_site=config.site_prior, fit=config.model != "network")
+        if val is not None:  # the starting point is epoch -1: an epoch must beat it
+            start, best_state = score_start(stage, model, config, val, world)
+            progress.update(config, -1, start["val_mae"])
+            history.append(start)
+        if config.model == "prior":
+            model.zero_residual()
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if config.model == "prior":  # nothing to train: the prior alone (stage 2: no correction)
+        start_epoch = config.epochs
     calibration = prepare_rank_weight(objective, config, model, train, world,
                                       card.get("objective") if ckpt is not None else None)
     net = model if world is None else world.wrap_model(model)
@@ -375,8 +377,10 @@ def _run(stage, config, train, val, objective, device, out_dir, report, world, r
             break
     if best_state is not None:
         model.load_state_dict(best_state)
-    best_epoch = progress.best_epoch if val is not None else epoch
-    card = dict(base_card, history=history, best_epoch=best_epoch, epochs_run=len(history),
+    best_epoch = progress.best_epoch if val is not None else (
+        -1 if config.model == "prior" else epoch)
+    card = dict(base_card, history=history, best_epoch=best_epoch,
+                epochs_run=sum(1 for m in history if m["epoch"] >= 0),
                 progress=progress.to_dict())
     if is_main:
         save_stage_model(out_dir, model, card)

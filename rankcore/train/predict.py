@@ -15,14 +15,14 @@ from rankcore.metrics import mae, pearson_r, rmse, srcc
 from rankcore.models.cascade import CorrectionRegressor
 from rankcore.train.data import SubjectData
 
-__all__ = ["FLIP_DIM", "evaluate", "flip_lr", "forward_batch", "predict"]
+__all__ = ["FLIP_DIM", "check_inputs", "evaluate", "flip_lr", "forward_batch", "predict"]
 
-#: Image dim of a (B, 1, X, Y, Z) batch that runs left-right (the RAS x axis).
+#: Image dim of a (B, C, X, Y, Z) batch that runs left-right (the RAS x axis).
 FLIP_DIM = 2
 
 
 def flip_lr(image: torch.Tensor, which: torch.Tensor | None = None) -> torch.Tensor:
-    """Mirror (B, 1, X, Y, Z) images left-right (along RAS x); only rows where ``which``."""
+    """Mirror (B, C, X, Y, Z) images left-right (along RAS x); only rows where ``which``."""
     flipped = image.flip(FLIP_DIM)
     if which is None:
         return flipped
@@ -47,6 +47,8 @@ def forward_batch(model: nn.Module, batch: dict[str, torch.Tensor],
     if getattr(core, "config", None) is not None and core.config.sites:
         site = core.site_codes(batch.get("sites", ("n/a",) * len(image)), image.device)
     extra = {"hist_counts": batch["hist_counts"]} if "hist_counts" in batch else {}
+    if getattr(getattr(core, "config", None), "features", ()):
+        extra["features"] = batch.get("features")
     if _is_stage2(model):
         if "stage1" not in batch:
             raise InputError("stage 2 needs stage-1 estimates: attach them with "
@@ -68,6 +70,7 @@ def predict(model: nn.Module, data: SubjectData, *, batch_size: int = 32,
     Returns:
         float64 array (n,) in the order of ``data`` (or of ``indices``).
     """
+    check_inputs(model, data)
     param = next(model.parameters())
     device = param.device
     idx = np.arange(len(data)) if indices is None else np.asarray(indices, dtype=np.int64)
@@ -91,6 +94,21 @@ def predict(model: nn.Module, data: SubjectData, *, batch_size: int = 32,
     if not out:
         return np.zeros(0, dtype=np.float64)
     return torch.cat(out).numpy()
+
+
+def check_inputs(model: nn.Module, data: SubjectData) -> None:
+    """Raise InputError unless ``data`` has the image channels and tabular features that
+    ``model`` was trained with (its ``config.in_channels`` and ``config.features``)."""
+    config = getattr(getattr(model, "module", model), "config", None)
+    if config is None:
+        return
+    if data.channels != config.in_channels:
+        raise InputError(f"`data` must have the {config.in_channels} image channel(s) this "
+                         f"model was trained with, got {data.channels} "
+                         f"({', '.join(data.channel_names)})")
+    if tuple(data.feature_names) != tuple(config.features):
+        raise InputError(f"`data` must have the tabular features this model was trained with "
+                         f"({list(config.features)}), got {list(data.feature_names)}")
 
 
 def predict_sharded(model: nn.Module, data: SubjectData, world: Any, **kwargs: Any

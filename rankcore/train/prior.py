@@ -1,19 +1,20 @@
-"""The closed-form part of stage 1: a ridge prior on the intensity histogram and the site.
+"""The closed-form part of stage 1: a ridge prior on the intensity histogram, the tabular
+features and the site.
 
-A small CNN trained on a few hundred subjects memorises spatial detail before it finds the
-global signal of grey-matter loss, while a linear model on the histogram of locally
-normalised intensities plus the site finds it at once. With ``hist_bins > 0`` the stage-1
-model (:class:`rankcore.models.AgeRegressor`) therefore predicts
+With ``hist_bins > 0`` or tabular features (``BackboneConfig.features``) the stage-1 model
+(:class:`rankcore.models.AgeRegressor`) predicts
 
-    age = age_mean + age_std · (prior(h, site) + head(CNN features, h, sex, site))
+    age = age_mean + age_std · (prior(h, t, site) + head(CNN features, h, t, sex, site))
 
-where h is the standardised histogram and ``prior`` a linear map of h per site, fitted here in
+where h is the standardised histogram, t the standardised tabular features (a missing value
+reads as the training mean) and ``prior`` a linear map of (h, t) per site, fitted here in
 closed form on the training subjects before the first epoch (ridge regression, penalty chosen
 by generalised cross-validation; per site, a blend of the pooled model and the site's own,
-see :func:`fit_site_priors`). The head's last layer starts near zero, so training begins at
-the prior and the network learns what the histogram misses; early stopping on the validation
-MAE keeps the prior alone if the network never improves on it. Stage 2 gets the same
-histogram standardisation and no prior (it corrects stage 1, which already holds it).
+see :func:`fit_site_priors`). The head's last layer starts at zero, so training begins at the
+prior and the network learns a residual; the training loop scores that starting point on the
+validation subjects as epoch -1, and early stopping keeps it unless an epoch beats it
+(:mod:`rankcore.train.loop`). Stage 2 gets the same input standardisation and no prior (it
+corrects stage 1, which already holds it).
 
 Everything here is deterministic and identical on every worker (all workers hold the same
 training data), so multi-worker runs need no communication for it.
@@ -32,8 +33,8 @@ from rankcore.errors import InputError
 from rankcore.models.backbone import AgeRegressor
 from rankcore.train.data import SubjectData
 
-__all__ = ["ALPHAS", "MIN_SITE_SUBJECTS", "fit_histogram_prior", "fit_site_priors", "ridge_gcv",
-           "ridge_loo"]
+__all__ = ["ALPHAS", "MIN_SITE_SUBJECTS", "fit_histogram_prior", "fit_prior", "fit_site_priors",
+           "ridge_gcv", "ridge_loo"]
 
 log = logging.getLogger("rankcore.train")
 
@@ -106,7 +107,7 @@ def fit_site_priors(hist: np.ndarray, codes: np.ndarray | None, y: np.ndarray,
     the blend took the prior from MAE 4.69 / 5.78 / 4.85 y to 4.40 / 5.48 / 4.62 y.
 
     Args:
-        hist: standardised histogram features (N, P).
+        hist: standardised prior inputs (N, P) (histogram, then tabular features).
         codes: site codes (N, S) (one-hot; an unknown site's row is uniform) or None.
         y: standardised ages (N,).
         per_site: False keeps the pooled model for every site.
@@ -142,45 +143,77 @@ def fit_site_priors(hist: np.ndarray, codes: np.ndarray | None, y: np.ndarray,
 
 
 @torch.no_grad()
-def fit_histogram_prior(model: nn.Module, data: SubjectData, device: torch.device,
-                        batch_size: int = 32, per_site: bool = True) -> dict[str, Any]:
-    """Standardise ``model``'s histogram branch on ``data`` and, for a stage-1 model, fit its
-    prior (:func:`fit_site_priors`; see the module doc). A model without a histogram branch
-    is left as is.
+def fit_prior(model: nn.Module, data: SubjectData, device: torch.device,
+              batch_size: int = 32, per_site: bool = True, fit: bool = True) -> dict[str, Any]:
+    """Standardise ``model``'s histogram and tabular inputs on ``data`` and, for a stage-1
+    model with ``fit``, fit its prior on them (:func:`fit_site_priors`; see the module doc).
+
+    Args:
+        model: a stage-1 or stage-2 model.
+        data: the training subjects (their ``feature_names`` must be the model's
+            ``config.features``).
+        device: where the histogram counts are computed.
+        batch_size: subjects per histogram batch.
+        per_site: see :func:`fit_site_priors`.
+        fit: False only standardises (the prior stays zero: "network only").
 
     Returns:
-        What was fitted, for the card: ``{}`` without a histogram branch, else the number of
-        subjects and, for stage 1, the pooled ridge penalty, the pooled prior's GCV RMSE in
-        years and, per site, its subjects and blend weight.
+        What was fitted, for the card: ``{}`` without histogram or tabular inputs, else the
+        number of subjects, the inputs and, when fitted, the pooled ridge penalty, the pooled
+        prior's GCV RMSE in years and, per site, its subjects and blend weight.
+
+    Raises:
+        InputError: NaN or inf voxels in a training image, or features named otherwise than
+            the model's.
     """
     backbone = getattr(model, "backbone", None)
-    if backbone is None or getattr(backbone, "histogram", None) is None:
+    config = getattr(model, "config", None)
+    if backbone is None or config is None or not config.prior_inputs:
         return {}
-    counts = []
-    for start in range(0, len(data), batch_size):
-        batch = data.batch(np.arange(start, min(start + batch_size, len(data))), device, model)
-        counts.append(batch["hist_counts"].cpu())
-    counts = torch.cat(counts)
-    bad = np.flatnonzero(~torch.isfinite(counts).all(dim=1).numpy())
-    if len(bad):
-        ids = [data.participant_ids[i] for i in bad[:3]]
-        raise InputError(f"{len(bad)} training image(s) hold NaN or inf voxels (e.g. {ids}); "
-                         "re-ingest them or drop them")
-    backbone.histogram.set_scale(counts.to(backbone.histogram.mean.device))
-    info: dict[str, Any] = {"n": len(data)}
-    if not isinstance(model, AgeRegressor):
+    if tuple(data.feature_names) != tuple(config.features):
+        raise InputError(f"`data` feature names must be the model's {list(config.features)}, "
+                         f"got {list(data.feature_names)}")
+    parts = []
+    if backbone.histogram is not None:
+        counts = []
+        for start in range(0, len(data), batch_size):
+            rows = np.arange(start, min(start + batch_size, len(data)))
+            counts.append(data.batch(rows, device, model)["hist_counts"].cpu())
+        counts = torch.cat(counts)
+        bad = np.flatnonzero(~torch.isfinite(counts).all(dim=1).numpy())
+        if len(bad):
+            ids = [data.participant_ids[i] for i in bad[:3]]
+            raise InputError(f"{len(bad)} training image(s) hold NaN or inf voxels (e.g. "
+                             f"{ids}); re-ingest them or drop them")
+        backbone.histogram.set_scale(counts.to(backbone.histogram.mean.device))
+        h = backbone.histogram
+        parts.append(((counts - h.mean.cpu()) / h.std.cpu()).double())
+    if config.features:
+        backbone.set_feature_scale(data.features)
+        feats = torch.from_numpy(np.asarray(data.features, dtype=np.float64))
+        parts.append(backbone.standardise_features(feats, len(data), feats).cpu())
+    info: dict[str, Any] = {"n": len(data), "histogram_bins": config.hist_bins,
+                            "features": list(config.features)}
+    if not isinstance(model, AgeRegressor) or not fit:
         return info
-    hist = ((counts - backbone.histogram.mean.cpu()) / backbone.histogram.std.cpu()).double()
-    codes = model.site_codes(data.sites).double().numpy() if model.config.sites else None
+    x = torch.cat(parts, dim=1).numpy()
+    codes = model.site_codes(data.sites).double().numpy() if config.sites else None
     mean, std = float(model.age_mean), float(model.age_std)
     y = (np.asarray(data.ages, dtype=np.float64) - mean) / std
-    weights, biases, fitted = fit_site_priors(hist.numpy(), codes, y, per_site)
+    weights, biases, fitted = fit_site_priors(x, codes, y, per_site)
     model.prior_weight.copy_(torch.from_numpy(weights).to(model.prior_weight))
     model.prior_bias.copy_(torch.from_numpy(biases).to(model.prior_bias))
     info.update({"alpha": fitted["alpha"], "gcv_rmse_years": fitted["gcv_rmse"] * std})
     if "sites" in fitted:
-        info["sites"] = {name: entry for name, entry in zip(model.config.sites, fitted["sites"])}
-    log.info("stage 1: histogram prior fitted on %d subjects (ridge alpha %.3g, GCV RMSE "
-             "%.2f y%s)", len(data), fitted["alpha"], fitted["gcv_rmse"] * std,
+        info["sites"] = {name: entry for name, entry in zip(config.sites, fitted["sites"])}
+    log.info("stage 1: prior fitted on %d subjects, %d histogram bins + %d features (ridge "
+             "alpha %.3g, GCV RMSE %.2f y%s)", len(data), config.hist_bins,
+             len(config.features), fitted["alpha"], fitted["gcv_rmse"] * std,
              "".join(f"; {k} blend {v['weight']:.2f}" for k, v in info.get("sites", {}).items()))
     return info
+
+
+def fit_histogram_prior(model: nn.Module, data: SubjectData, device: torch.device,
+                        batch_size: int = 32, per_site: bool = True) -> dict[str, Any]:
+    """:func:`fit_prior` (the name it had when the prior read only the histogram)."""
+    return fit_prior(model, data, device, batch_size, per_site)
