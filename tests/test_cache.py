@@ -435,10 +435,24 @@ def test_source_digest_is_the_sha256_of_the_bytes_read_once(cohort, tmp_path):
 
 
 def test_second_writer_is_refused_while_an_ingest_holds_the_lock(cohort, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    # The lock excludes other processes (within one process it is re-entrant).
     cache = tmp_path / "cache"
-    with cache_lock(CacheLayout.for_config(cache, CFG)), \
-            pytest.raises(InputError, match="another ingest"):
-        ingest_cohort(cohort, cache, CFG)
+    folder = CacheLayout.for_config(cache, CFG).folder
+    code = ("import sys, time\nfrom rankcore._lock import run_lock\n"
+            "with run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], text=True,
+                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InputError, match=f"in use by another brainrank run .pid {holder.pid}"):
+            ingest_cohort(cohort, cache, CFG)
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # ----------------------------------------------------------------------------- corruption
