@@ -9,6 +9,7 @@ import sys
 
 from prefect import flow, get_run_logger
 
+from flows._server import temporary_server
 from flows.params import SimulateParams
 from tasks.simulate import simulate_cohort_task
 
@@ -25,7 +26,8 @@ def simulate_flow(params: SimulateParams) -> str:
 
 
 def run_cli(params: SimulateParams) -> int:
-    root = simulate_flow(params)
+    with temporary_server():
+        root = simulate_flow(params)
     print(f"simulated cohort: {root}")
     return 0
 

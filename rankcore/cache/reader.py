@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 from rankcore.cache.layout import CacheLayout, Manifest, find_layout, read_config, read_manifest
 from rankcore.cache.schema import CACHE_SCHEMA, METADATA_COLUMNS, decode_tissue, decode_volume
 from rankcore.cache.shards import open_shard, read_shard_metadata, verify_shard
-from rankcore.errors import InputError
+from rankcore.errors import IncompleteCacheError, InputError
 from rankcore.mri.tissue_names import TISSUE_FEATURES
 from rankcore.mri.types import PreprocessConfig
 
@@ -183,3 +183,37 @@ def open_cache(cache_dir: str | Path, config: PreprocessConfig | None = None, *,
     order = sorted(last.values(), key=lambda i: keys[i])
     return CacheView(layout, stored, manifest, table.take(pa.array(order, pa.int64())),
                      tuple(shards[i] for i in order), tuple(groups[i] for i in order))
+
+
+def check_complete(cache_dir: str | Path, config: PreprocessConfig | None = None, *,
+                   allow_incomplete: bool = False) -> str | None:
+    """Refuse a cache whose ingest was interrupted (its manifest says ``complete: false``).
+
+    Such a cache holds only the subjects ingested before the interruption (and may hold a
+    subject twice), so training or evaluating on it silently uses part of the cohort.
+
+    Args:
+        cache_dir: the cache root.
+        config: which preprocessing config's cache; None when there is only one.
+        allow_incomplete: accept it anyway; the returned warning says what is used.
+
+    Returns:
+        None for a complete cache, else (with ``allow_incomplete``) a one-line warning.
+
+    Raises:
+        IncompleteCacheError: an incomplete cache and ``allow_incomplete`` is False.
+        InputError: no cache there (as :func:`find_layout`), or an unreadable manifest.
+    """
+    layout = find_layout(cache_dir, config)
+    manifest = read_manifest(layout)
+    if manifest.complete:
+        return None
+    rows = sum(s.rows for s in manifest.shards)
+    what = (f"cache {str(layout.folder)!r} is incomplete: its ingest was interrupted "
+            f"(manifest.json says `complete: false`; {rows} row(s) in "
+            f"{len(manifest.shards)} shard(s) so far)")
+    if not allow_incomplete:
+        raise IncompleteCacheError(f"{what}; run `brainrank ingest` on the cohort again to "
+                                   "finish it (or pass --allow-incomplete-cache to use it as "
+                                   "it is)")
+    return f"{what}; using it anyway (--allow-incomplete-cache): results cover only these rows"

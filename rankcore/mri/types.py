@@ -76,12 +76,17 @@ class CohortRow:
 
 @dataclass(frozen=True)
 class Cohort:
-    """A parsed cohort: the usable rows, the rows set aside, and where it came from."""
+    """A parsed cohort: the usable rows, the rows set aside, and where it came from.
+
+    ``notes`` are things a reader should know that set nothing aside (identical repeated
+    rows collapsed to one).
+    """
 
     root: Path
     kind: Literal["bids", "manifest"]
     rows: tuple[CohortRow, ...]
     quarantine: tuple[QuarantineEntry, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
