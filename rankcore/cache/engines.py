@@ -103,16 +103,16 @@ def start_local_ray(num_cpus: int | None = None, **init_kwargs: Any) -> None:
     """Start a local Ray instance that listens on the loopback interface only.
 
     Every server of the instance (GCS, raylet, object manager, workers, agents) binds
-    127.0.0.1, and no dashboard is started; a watcher process
-    (:mod:`rankcore.cache.ray_reaper`) ends the instance's processes when this process dies,
-    even by SIGKILL. ``init_kwargs`` go to ``ray.init`` (e.g. ``_temp_dir``).
+    127.0.0.1, and no dashboard is started; a watchdog (:mod:`rankcore._reaper`) ends the
+    instance's processes when this process dies, even by SIGKILL. ``init_kwargs`` go to
+    ``ray.init`` (e.g. ``_temp_dir``).
     """
     import ray
     from ray._private import ray_constants
 
-    from rankcore.cache.ray_reaper import children_of, start_reaper
+    from rankcore._reaper import reap_descendants_on_death
 
-    before = set(children_of(os.getpid()))
+    reap_descendants_on_death()
     # Ray resolves "127.0.0.1" to the host's routable address unless it believes it runs
     # without cluster support (its macOS/Windows mode); only that choice of address changes.
     previous = ray_constants.ENABLE_RAY_CLUSTER
@@ -129,7 +129,6 @@ def start_local_ray(num_cpus: int | None = None, **init_kwargs: Any) -> None:
         ray_constants.ENABLE_RAY_CLUSTER = previous
         if malloc is None:
             os.environ.pop(MALLOC_ENV, None)
-    start_reaper(sorted(set(children_of(os.getpid())) - before))
 
 
 def _run_ray(batches: Sequence[Batch], workers: int) -> Iterator[BatchResult]:
