@@ -70,7 +70,8 @@ def run_cli(params: PredictParams) -> int:
                          bias_correct=params.bias_correct, bias_method=params.bias_method,
                          bias_file=params.bias_file, spacing=params.spacing,
                          shape=params.shape, allow_outside_root=params.allow_outside_root,
-                         device=_device(params), max_spacing_ratio=params.max_spacing_ratio)
+                         device=_device(params), max_spacing_ratio=params.max_spacing_ratio,
+                         engine=params.engine)
         with temporary_server():
             s = predict_flow(params)
     except BrainrankError as exc:

@@ -76,11 +76,14 @@ def prefect_server():
 
 @pytest.fixture(scope="session")
 def ray_cluster():
-    """One local Ray cluster (2 CPUs) for the whole session; shut down at the end."""
+    """One local Ray cluster (2 CPUs, loopback only) for the whole session; shut down at the
+    end. Its workers inherit this process's environment (PYTHONPATH included)."""
     import ray
 
+    from rankcore.cache.engines import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 _temp_dir=str(_SESSION_ROOT / "ray"), configure_logging=False)
+        start_local_ray(num_cpus=2, _temp_dir=str(_SESSION_ROOT / "ray"),
+                        configure_logging=False)
     yield ray
     ray.shutdown()

@@ -89,7 +89,7 @@ def test_python_m_deployments_serve_runs_from_the_repository_root():
 # -------------------------------------------------------------------------------- Ray
 
 
-def test_ray_cluster_config_has_a_cpu_head_and_gpu_workers():
+def test_ray_cluster_config_has_a_cpu_head_gpu_workers_an_image_and_shared_storage():
     cfg = _yaml("ray/cluster.yaml")
     types = cfg["available_node_types"]
     head = types[cfg["head_node_type"]]
@@ -97,14 +97,30 @@ def test_ray_cluster_config_has_a_cpu_head_and_gpu_workers():
     gpu = [t for name, t in types.items() if name != cfg["head_node_type"]]
     assert gpu and all(t["resources"]["GPU"] >= 1 and t["min_workers"] == 0 for t in gpu)
     assert cfg["max_workers"] >= max(t["max_workers"] for t in gpu)
-    assert cfg["file_mounts"]["/home/ubuntu/brainrank"] == "."  # this repository
-    starts = " ".join(cfg["head_start_ray_commands"] + cfg["worker_start_ray_commands"])
-    assert starts.count("RAY_AUTH_MODE=token") == 2
-    assert "--dashboard-host=127.0.0.1" in starts
+    docker = cfg["docker"]  # the image of deployments/ray/Dockerfile, CPU head, CUDA workers
+    assert docker["head_image"].endswith("-cpu") and docker["worker_image"].endswith("-cuda")
+    assert "--gpus all" in docker["worker_run_options"]
+    run = " ".join(docker["run_options"])
+    assert "-v /data:/data" in run and "--shm-size" in run and "RAY_AUTH_MODE=token" in run
+    init = " ".join(cfg["initialization_commands"])
+    assert "mount -t nfs4" in init and "/data" in init  # a shared file system on every node
+    starts = " ".join(cfg["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in starts and "--num-gpus=0" in starts
+
+
+def test_dockerfile_builds_cpu_and_cuda_variants_from_this_repository():
+    text = (DEPLOYMENTS / "ray" / "Dockerfile").read_text()
+    assert "ARG VARIANT=cpu" in text and "-c constraints.txt ." in text
+    for folder in ("rankcore", "flows", "tasks"):
+        assert f"COPY --chown=ray:users {folder} ./{folder}" in text
+        assert (REPO / folder).is_dir()
 
 
 def test_rayjob_entrypoint_exists_and_its_parameters_validate():
-    job = _yaml("ray/rayjob.yaml")
+    docs = list(yaml.safe_load_all((DEPLOYMENTS / "ray" / "rayjob.yaml").read_text()))
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    claim = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
+    assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     python, dash_m, module, command = job["spec"]["entrypoint"].split()
     assert (python, dash_m, module) == ("python", "-m", "flows.job")
@@ -116,8 +132,19 @@ def test_rayjob_entrypoint_exists_and_its_parameters_validate():
     assert params.train.batch_size % params.train.workers == 0
     spec = job["spec"]["rayClusterSpec"]
     assert spec["rayVersion"] == "2.60.0"
-    assert all("nvidia.com/gpu" in c["resources"]["limits"] for g in spec["workerGroupSpecs"]
+    assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"  # a CPU head
+    groups = spec["workerGroupSpecs"]
+    assert any("nvidia.com/gpu" in c["resources"]["limits"] for g in groups
                for c in g["template"]["spec"]["containers"])
+    for pod in [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"]
+                                                              for g in groups]:
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        assert volumes["dshm"]["emptyDir"]["medium"] == "Memory"
+        assert volumes["data"]["persistentVolumeClaim"]["claimName"] == claim["metadata"]["name"]
+        for c in pod["containers"]:
+            mounts = {m["mountPath"] for m in c["volumeMounts"]}
+            assert {"/dev/shm", "/data"} <= mounts
+            assert {"name": "RAY_AUTH_MODE", "value": "token"} in c["env"]
 
 
 def test_shipped_configs_validate():

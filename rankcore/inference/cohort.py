@@ -15,8 +15,10 @@ Sequence of :func:`predict_cohort`:
 3. Set aside subjects whose source voxels are coarser than ``max_spacing_ratio`` times the
    model's spacing (category ``spacing_mismatch``): upsampling cannot recreate the detail the
    model was trained on. When no subject is left, the run fails with a clear message.
-4. Predict every remaining subject once; write the predictions table (CSV or Parquet by
-   extension) and ``<out_file without extension>.quarantine.csv`` (participant_id, key,
+4. Predict every remaining subject once (with ``engine="ray"`` as Ray tasks that read their
+   own rows from the cache, on GPU workers when ``device="cuda"``; see
+   :func:`rankcore.train.ray_predict.predict_ray`); write the predictions table (CSV or
+   Parquet by extension) and ``<out_file without extension>.quarantine.csv`` (participant_id, key,
    source, category, message; header only when nothing was set aside).
 """
 
@@ -103,7 +105,8 @@ def _check_method(method: str) -> str:
 
 def _prepare(model_dir: str | Path, cohort: str | Path, out_file: Path, *, bias_correct: bool,
              bias_method: str, bias_file: str | Path | None, spacing: float | None, shape: Any,
-             allow_outside_root: bool, device: str, max_spacing_ratio: float) -> tuple:
+             allow_outside_root: bool, device: str, max_spacing_ratio: float,
+             on_ray: bool = False) -> tuple:
     """Every check that needs no preprocessing: (cascade, card, config, correction, cohort)."""
     from rankcore.mri import read_cohort
     from rankcore.train.cascade import load_cascade
@@ -113,7 +116,9 @@ def _prepare(model_dir: str | Path, cohort: str | Path, out_file: Path, *, bias_
     _check_method(bias_method)
     if isinstance(max_spacing_ratio, bool) or not float(max_spacing_ratio) >= 1.0:
         raise InputError(f"`max_spacing_ratio` must be a number >= 1, got {max_spacing_ratio!r}")
-    cascade, card = load_cascade(model_dir, resolve_device(device))
+    # With Ray, the forward passes run on the workers: the driver (maybe a CPU head) only
+    # reads the card and checks the weights.
+    cascade, card = load_cascade(model_dir, "cpu" if on_ray else resolve_device(device))
     config = check_preprocess(card, spacing=spacing, shape=shape)
     correction = None
     if bias_correct:
@@ -130,8 +135,10 @@ def check_prediction(model_dir: str | Path, cohort: str | Path, out_file: str | 
                      bias_correct: bool = False, bias_method: str = "beheshti",
                      bias_file: str | Path | None = None, spacing: float | None = None,
                      shape: Any = None, allow_outside_root: bool = False,
-                     device: str = "cpu", max_spacing_ratio: float = 2.0) -> int:
-    """Check the inputs of :func:`predict_cohort` without preprocessing anything.
+                     device: str = "cpu", max_spacing_ratio: float = 2.0,
+                     engine: str = "local") -> int:
+    """Check the inputs of :func:`predict_cohort` without preprocessing anything (with
+    ``engine="ray"`` CUDA is not required here: the Ray workers check it).
 
     Returns:
         The number of cohort rows that will be preprocessed.
@@ -142,7 +149,7 @@ def check_prediction(model_dir: str | Path, cohort: str | Path, out_file: str | 
     parsed = _prepare(model_dir, cohort, Path(out_file), bias_correct=bias_correct,
                       bias_method=bias_method, bias_file=bias_file, spacing=spacing,
                       shape=shape, allow_outside_root=allow_outside_root, device=device,
-                      max_spacing_ratio=max_spacing_ratio)[4]
+                      max_spacing_ratio=max_spacing_ratio, on_ray=engine == "ray")[4]
     return len(parsed.rows)
 
 
@@ -165,10 +172,12 @@ def predict_cohort(model_dir: str | Path, cohort: str | Path, out_file: str | Pa
         cache_dir: preprocessing cache (None: :func:`default_cache_dir`).
         spacing, shape: what the caller expects the model to take (mm, voxels); refused
             unless they are the model's. None: no expectation.
-        workers, engine: ingest parallelism (see :func:`rankcore.cache.ingest_cohort`).
+        workers, engine: ingest parallelism (see :func:`rankcore.cache.ingest_cohort`); with
+            ``"ray"`` the prediction also runs as ``workers`` Ray tasks at a time.
         allow_outside_root: accept manifest paths outside the manifest's folder.
         batch_size: subjects per forward pass (None: the card's).
-        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (engine ray: ``"cuda"`` asks for GPU
+            workers, checked on the workers).
         max_spacing_ratio: set aside sources whose largest voxel side exceeds this times the
             model's spacing.
 
@@ -188,7 +197,7 @@ def predict_cohort(model_dir: str | Path, cohort: str | Path, out_file: str | Pa
         model_dir, cohort, out_file, bias_correct=bias_correct, bias_method=bias_method,
         bias_file=bias_file, spacing=spacing, shape=shape,
         allow_outside_root=allow_outside_root, device=device,
-        max_spacing_ratio=max_spacing_ratio)
+        max_spacing_ratio=max_spacing_ratio, on_ray=engine == "ray")
     for stray in out_file.parent.glob(f".{out_file.name}.*.tmp"):  # a killed earlier run's
         stray.unlink(missing_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(out_file)
@@ -234,11 +243,14 @@ def predict_cohort(model_dir: str | Path, cohort: str | Path, out_file: str | Pa
         raise InputError(f"no subject of {str(cohort)!r} could be predicted: "
                          f"{len(q_rows)} of {ingest.total} set aside{mismatch}; see {q_file}")
 
-    ds = VolumeDataset(cache, config)
-    data = SubjectData.from_dataset(ds, preload=False).subset(rows)
     table = view.table
     ages = np.asarray(table.column("age").to_numpy(zero_copy_only=False), dtype=np.float64)[rows]
-    stage1, final = predict_cascade(cascade, card, data, batch_size=batch_size)
+    if engine == "ray":
+        stage1, final = _predict_on_ray(model_dir, cache, config, [view.keys[i] for i in rows],
+                                        workers=workers, device=device, batch_size=batch_size)
+    else:
+        data = SubjectData.from_dataset(VolumeDataset(cache, config), preload=False).subset(rows)
+        stage1, final = predict_cascade(cascade, card, data, batch_size=batch_size)
     col = {c: table.column(c).to_pylist() for c in ("participant_id", "session", "site", "sex")}
     out = predictions_table(
         [col["participant_id"][i] for i in rows], [col["session"][i] for i in rows],
@@ -257,3 +269,26 @@ def predict_cohort(model_dir: str | Path, cohort: str | Path, out_file: str | Pa
         total=ingest.total, predicted=len(rows), quarantined=counts,
         bias_corrected=bias_correct, bias_method=bias_method if bias_correct else None,
         preprocess=config.to_dict(), seconds_ingest=ingest.seconds, warnings=tuple(warnings))
+
+
+def _predict_on_ray(model_dir: str | Path, cache: Path, config: Any, keys: list[str], *,
+                    workers: int, device: str, batch_size: int | None
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """Stage-1 and final ages of ``keys`` as Ray tasks reading the cache themselves."""
+    from rankcore.cache.engines import ensure_ray
+    from rankcore.train.cache_split import CacheSplit
+    from rankcore.train.ray_predict import predict_ray
+
+    split = CacheSplit(str(cache), preload=False, keys=tuple(keys),
+                       preprocess=config.to_dict())
+    started = ensure_ray(num_cpus=max(workers, 1))
+    try:
+        stage1, final = predict_ray([Path(model_dir) / "stage1", Path(model_dir) / "stage2"],
+                                    split, workers=workers, use_gpu=device == "cuda",
+                                    batch_size=batch_size)
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+    return stage1, final

@@ -214,10 +214,11 @@ class ScaleDense(nn.Module):
             elif hist_counts.shape != (b, self.histogram.bins):
                 raise ShapeError(f"`hist_counts` must have shape ({b}, "
                                  f"{self.histogram.bins}), got {tuple(hist_counts.shape)}")
-            parts.append(self.histogram.standardise(hist_counts).to(feats.dtype))
+            # fp32, like the head that reads it: a bf16 copy would round the prior's inputs
+            parts.append(self.histogram.standardise(hist_counts).float())
         if self.config.features:
             parts.append(self.standardise_features(features, b, feats))
-        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+        return torch.cat([p.float() for p in parts], dim=1)
 
 
 class SexBranch(nn.Module):
@@ -374,9 +375,13 @@ class AgeRegressor(SiteInputMixin, AgeScaleMixin, nn.Module):
                 site: torch.Tensor | None = None, hist_counts: torch.Tensor | None = None,
                 features: torch.Tensor | None = None) -> torch.Tensor:
         feats = self.features(image, sex, site, hist_counts, features)
-        z = self.head(self.dropout(feats))[:, 0]
-        p = self.config.prior_inputs
-        if p:
-            end = self.backbone.out_features
-            z = z + self.prior(feats[:, end - p:end].to(z.dtype), site)
-        return self.age_mean + self.age_std * z
+        # The head, the prior and the age in fp32 even under autocast: a bf16 age moves in
+        # steps of 0.25-0.5 years.
+        with torch.autocast(feats.device.type, enabled=False):
+            feats = feats.float()
+            z = self.head(self.dropout(feats))[:, 0]
+            p = self.config.prior_inputs
+            if p:
+                end = self.backbone.out_features
+                z = z + self.prior(feats[:, end - p:end], site)
+            return self.age_mean.float() + self.age_std.float() * z

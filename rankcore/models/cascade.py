@@ -158,8 +158,9 @@ class CorrectionRegressor(SiteInputMixin, AgeScaleMixin, nn.Module):
         parts.append(F.elu(self.age_branch(s_std.to(self.age_branch.weight.dtype))))
         if self.config.sites:
             parts.append(self._site_part(site, b, parts[0]))
-        feats = self.dropout(torch.cat([p.to(parts[0].dtype) for p in parts], dim=1))
-        z = self.head(feats)[:, 0].float()
+        feats = self.dropout(torch.cat([p.float() for p in parts], dim=1))
+        with torch.autocast(feats.device.type, enabled=False):  # fp32 head: see AgeRegressor
+            z = self.head(feats)[:, 0]
         m = self.cascade.max_correction
         correction = m * torch.tanh(z)
         return base + correction, base, correction

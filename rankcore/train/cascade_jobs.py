@@ -8,6 +8,12 @@ the plan's staging folder, so it can run in this process, in a process pool or a
 task; run again, it resumes from its latest epoch checkpoint (a finished job only recomputes
 its predictions). Files of a job, in ``staging/<stage dir>/``: the stage's model and card
 (rankcore.train.checkpoint) and ``heldout.csv`` (folds) or ``predictions.csv``.
+
+Where the volumes are read: with engine ``local`` the training and validation subjects are
+loaded once into this process (memoised per plan); with engine ``ray`` this process reads
+only the cache's metadata: the subjects travel as :class:`~rankcore.train.cache_split.CacheSplit`
+(cache root + keys) to the Ray Train workers, and the predictions of a job run as Ray tasks
+(:func:`rankcore.train.ray_predict.predict_ray`), each reading its own rows.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ import numpy as np
 import torch
 
 from rankcore.errors import InputError, TrainingError
+from rankcore.train.cache_split import CacheSplit
 from rankcore.train.cascade_plan import CARD_FILE, CascadePlan
 from rankcore.train.checkpoint import load_stage_model
 from rankcore.train.data import SubjectData, dataset_features
@@ -35,6 +42,7 @@ from rankcore.train.data_sources import read_channels
 from rankcore.train.loop import StageResult, train_stage
 from rankcore.train.predict import predict
 from rankcore.train.split import DIGEST_COLUMNS, cache_data_digest
+from rankcore.train.storage import join_storage
 
 __all__ = ["HELDOUT_FILE", "PREDICTIONS_FILE", "Progress", "clear_data_cache", "epoch_line",
            "fmt_years", "progress_event", "read_predictions", "run_job", "stage_dir",
@@ -67,15 +75,7 @@ def _load_subjects(plan: CascadePlan) -> SubjectData:
     if data is not None:
         return data
     _DATA.clear()
-    from rankcore.cache import VolumeDataset
-    from rankcore.mri.types import PreprocessConfig
-
-    ds = VolumeDataset(plan.cache_dir, PreprocessConfig(**plan.preprocess))
-    table = ds.view.table
-    columns = {c: table.column(c).to_pylist() for c in DIGEST_COLUMNS}
-    if cache_data_digest(plan.preproc_digest, columns) != plan.data_digest:
-        raise InputError(f"cache {plan.cache_dir!r} changed since this run was planned: run "
-                         "the training again")
+    ds = _check_cache(plan)
     wanted = [*plan.split["train"], *plan.split["val"]]
     position = {k: i for i, k in enumerate(ds.keys)}
     rows = [position[k] for k in wanted]
@@ -95,17 +95,57 @@ def _load_subjects(plan: CascadePlan) -> SubjectData:
     return data
 
 
+def _check_cache(plan: CascadePlan) -> Any:
+    """The plan's VolumeDataset (metadata only), after checking the cache has not changed."""
+    from rankcore.cache import VolumeDataset
+    from rankcore.mri.types import PreprocessConfig
+
+    ds = VolumeDataset(plan.cache_dir, PreprocessConfig(**plan.preprocess))
+    table = ds.view.table
+    columns = {c: table.column(c).to_pylist() for c in DIGEST_COLUMNS}
+    if cache_data_digest(plan.preproc_digest, columns) != plan.data_digest:
+        raise InputError(f"cache {plan.cache_dir!r} changed since this run was planned: run "
+                         "the training again")
+    return ds
+
+
 def clear_data_cache() -> None:
     """Drop the memoised volumes (:func:`run_job` keeps the last plan's in memory)."""
     _DATA.clear()
 
 
-def _splits(plan: CascadePlan) -> tuple[SubjectData, SubjectData | None]:
-    data = _load_subjects(plan)
-    n_train, n_val = len(plan.split["train"]), len(plan.split["val"])
-    train = data.subset(np.arange(n_train))
-    val = data.subset(np.arange(n_train, n_train + n_val)) if n_val else None
-    return train, val
+class _Subjects:
+    """The plan's subjects by key: views of the preloaded data (engine local), or
+    CacheSplits that Ray workers and tasks read themselves (engine ray)."""
+
+    def __init__(self, plan: CascadePlan):
+        self.plan = plan
+        if plan.engine == "ray":
+            _check_cache(plan)
+            self._data = None
+        else:
+            self._data = _load_subjects(plan)
+            self._where = {k: i for i, k in enumerate(self._data.participant_ids)}
+
+    def get(self, keys: Any, stage1: Any = None) -> SubjectData | CacheSplit:
+        keys = tuple(keys)
+        if self._data is None:
+            s1 = None if stage1 is None else dict(zip(keys, (float(v) for v in stage1)))
+            return CacheSplit(self.plan.cache_dir, stage1=s1, preload=False, keys=keys,
+                              preprocess=self.plan.preprocess)
+        data = self._data.subset([self._where[k] for k in keys])
+        return data if stage1 is None else data.with_stage1(stage1)
+
+    def predict(self, res: StageResult, keys: Any, stage1: Any = None,
+                **kw: Any) -> np.ndarray:
+        """Ages of the subjects ``keys`` from the finished stage ``res``."""
+        data = self.get(keys, stage1)
+        if isinstance(data, CacheSplit):
+            from rankcore.train.ray_predict import predict_ray
+
+            return predict_ray([res.out_dir], data, workers=self.plan.workers,
+                               use_gpu=self.plan.use_gpu, batch_size=kw["batch_size"])[0]
+        return predict(res.model, data, **kw)
 
 
 # ---- small files ---------------------------------------------------------------------------
@@ -158,13 +198,19 @@ def progress_event(plan: CascadePlan, job: str, metrics: dict[str, Any], done: b
             "fraction": (plan.epoch_offset(job) + epoch) / plan.total_epochs}
 
 
-def _ray_storage(plan: CascadePlan) -> tuple[Path, bool]:
+def _ray_storage(plan: CascadePlan) -> tuple[str, bool]:
+    """Ray Train storage of the plan's jobs, and whether it is ours to delete when done.
+
+    Without ``storage_path``: ``ray/`` in the staging folder (beside MODEL_DIR, so on a
+    cluster on the storage every node must see anyway); it is deleted when a job finishes
+    and kept after a failure, so the same training resumes from it.
+    """
     if plan.storage_path is None:
-        return Path(tempfile.mkdtemp(prefix="brainrank-ray-")), True
-    return Path(plan.storage_path) / f"cascade-{plan.training_key[:12]}", False
+        return str(Path(plan.staging_dir) / "ray"), True
+    return join_storage(plan.storage_path, f"cascade-{plan.training_key[:12]}"), False
 
 
-def _train(plan: CascadePlan, job: str, train: SubjectData, val: SubjectData | None,
+def _train(plan: CascadePlan, job: str, train: Any, val: Any,
            out_dir: Path, progress: Progress | None) -> StageResult:
     stage = 2 if job == "stage2" else 1
     config = plan.train_config(job)
@@ -182,14 +228,14 @@ def _train(plan: CascadePlan, job: str, train: SubjectData, val: SubjectData | N
             return StageResult(model, card["history"], card["best_epoch"], out_dir, card)
         from rankcore.train.ray_train import train_stage_ray
 
-        storage, temporary = _ray_storage(plan)
-        try:
-            res = train_stage_ray(stage, config, train, val, out_dir=out_dir,
-                                  num_workers=plan.workers, use_gpu=plan.use_gpu,
-                                  storage_path=storage, name=job, max_failures=1)
-        finally:
-            if temporary:
-                shutil.rmtree(storage, ignore_errors=True)
+        storage, ours = _ray_storage(plan)
+        res = train_stage_ray(stage, config, train, val, out_dir=out_dir,
+                              num_workers=plan.workers, use_gpu=plan.use_gpu,
+                              storage_path=storage, name=job, max_failures=1)
+        if ours:
+            shutil.rmtree(Path(storage) / job, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                Path(storage).rmdir()
         for m in res.history:  # the workers' log lines stay with Ray: repeat them here
             log.info(epoch_line(job, m, config.epochs))
             report(m, None)
@@ -222,31 +268,34 @@ def run_job(plan: CascadePlan, job: str, progress: Progress | None = None) -> di
     t0 = time.perf_counter()
     staging = Path(plan.staging_dir)
     staging.mkdir(parents=True, exist_ok=True)
-    train, val = _splits(plan)
+    subjects = _Subjects(plan)
+    train_keys, val_keys = list(plan.split["train"]), list(plan.split["val"])
+    val = subjects.get(val_keys) if val_keys else None
     config = plan.train_config(job)
     kw = {"batch_size": config.eval_batch_size, "flip_tta": config.flip_tta,
           "channels_last": config.channels_last, "amp": config.amp}
     if job.startswith("fold-"):
         fold = int(job.split("-", 1)[1])
         folds = np.asarray(plan.folds)
-        held = np.flatnonzero(folds == fold)
-        log.info("%s: stage 1 on %d subjects, predicts the %d held out", job,
-                 len(train) - len(held), len(held))
+        held = [train_keys[i] for i in np.flatnonzero(folds == fold)]
+        fit = [train_keys[i] for i in np.flatnonzero(folds != fold)]
+        log.info("%s: stage 1 on %d subjects, predicts the %d held out", job, len(fit),
+                 len(held))
         out = staging / "crossfit" / job
         out.parent.mkdir(exist_ok=True)
-        res = _train(plan, job, train.subset(np.flatnonzero(folds != fold)), val, out, progress)
-        pred = predict(res.model, train, indices=held, **kw)
+        res = _train(plan, job, subjects.get(fit), val, out, progress)
+        pred = subjects.predict(res, held, **kw)
         write_csv(out / HELDOUT_FILE, ["key", "fold", "stage1_oof"],
-                  [[train.participant_ids[i], fold, fmt_years(p)] for i, p in zip(held, pred)])
+                  [[k, fold, fmt_years(p)] for k, p in zip(held, pred)])
     elif job == "stage1":
-        log.info("stage1: stage 1 on all %d training subjects", len(train))
+        log.info("stage1: stage 1 on all %d training subjects", len(train_keys))
         out = staging / "stage1"
-        res = _train(plan, job, train, val, out, progress)
+        res = _train(plan, job, subjects.get(train_keys), val, out, progress)
         rows = [[k, "train", fmt_years(p)] for k, p in
-                zip(train.participant_ids, predict(res.model, train, **kw))]
-        if val is not None:
+                zip(train_keys, subjects.predict(res, train_keys, **kw))]
+        if val_keys:
             rows += [[k, "val", fmt_years(p)] for k, p in
-                     zip(val.participant_ids, predict(res.model, val, **kw))]
+                     zip(val_keys, subjects.predict(res, val_keys, **kw))]
         write_csv(out / PREDICTIONS_FILE, ["key", "role", "stage1"], rows)
     else:
         s1 = read_predictions(staging / "stage1" / PREDICTIONS_FILE, "stage1")
@@ -258,17 +307,18 @@ def run_job(plan: CascadePlan, job: str, progress: Progress | None = None) -> di
                 oof.update(read_predictions(staging / "crossfit" / f"fold-{i}" / HELDOUT_FILE,
                                             "stage1_oof"))
         log.info("stage2: %s", "off: stage 2 makes no correction" if plan.stage2_source == "off"
-                 else f"stage 2 on {len(train)} training subjects with "
+                 else f"stage 2 on {len(train_keys)} training subjects with "
                       f"{'in-sample' if plan.stage2_source == 'insample' else 'out-of-fold'} "
                       "stage-1 estimates")
-        train2 = train.with_stage1([oof[k] for k in train.participant_ids])
-        val2 = None if val is None else val.with_stage1([s1[k] for k in val.participant_ids])
+        val_s1 = [s1[k] for k in val_keys]
+        train2 = subjects.get(train_keys, [oof[k] for k in train_keys])
+        val2 = subjects.get(val_keys, val_s1) if val_keys else None
         out = staging / "stage2"
         res = _train(plan, job, train2, val2, out, progress)
         rows = []
-        if val2 is not None:
+        if val_keys:
             rows = [[k, fmt_years(b), fmt_years(p)] for k, b, p in
-                    zip(val2.participant_ids, val2.stage1, predict(res.model, val2, **kw))]
+                    zip(val_keys, val_s1, subjects.predict(res, val_keys, val_s1, **kw))]
         write_csv(out / PREDICTIONS_FILE, ["key", "stage1", "cascade"], rows)
     if progress is not None and res.history:
         progress(progress_event(plan, job, res.history[-1], done=True))

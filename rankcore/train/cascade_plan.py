@@ -295,7 +295,8 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
         engine: ``"local"`` or ``"ray"``.
         workers: see :class:`CascadePlan`.
         use_gpu: train on CUDA (local: device ``"cuda"``; ray: GPU workers).
-        storage_path: Ray Train storage root (engine ray), outside ``model_dir``.
+        storage_path: Ray Train storage root (engine ray), outside ``model_dir``: a path
+            every node sees, or a URI (``s3://``, ``gs://``, ``file://``) kept as it is.
         stage2: stage-2 overrides of ``config`` (e.g. ``{"lr": 1e-4}``); None: the same.
         stage2_source: see :class:`CascadePlan`; None: ``"oof"`` with ``use_gpu``, ``"off"``
             on CPU (on CPU, stage 2 and cross-fitting changed the test MAE by <= 0.02 y in
@@ -373,7 +374,9 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
     model_dir = Path(model_dir).expanduser().absolute()
     reuse = check_model_dir(model_dir, key, config, k_folds, digest)
     staging = model_dir.parent / f"{model_dir.name}.tmp-{key[:12]}"
-    if storage_path is not None:
+    from rankcore.train.storage import is_uri
+
+    if storage_path is not None and not is_uri(storage_path):  # a URI is passed on as is
         storage = Path(storage_path).expanduser().absolute()
         if storage == model_dir or model_dir in storage.parents:
             raise InputError(f"`storage_path` must lie outside `model_dir` {str(model_dir)!r}, "

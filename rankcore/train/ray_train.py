@@ -1,16 +1,23 @@
 """Ray Train (V2) launcher: the same :func:`train_stage` on W workers with a global-batch loss.
 
 ``train_stage_ray`` starts a ``TorchTrainer`` whose workers each run :func:`train_stage` with a
-:class:`rankcore.train.dist.TorchDistWorld` (gloo on CPU, NCCL on GPU). Every worker gets the
-same data (a small :class:`SubjectData` is shipped by value; a cache split is named by a
-:class:`CacheSplit` and read by each worker), so the global batches are those of the
-single-process run and the ranking terms are computed on all of them at once.
+:class:`rankcore.train.dist.TorchDistWorld` (gloo on CPU, NCCL on GPU). Every worker sees the
+same subjects in the same order, so the global batches are those of the single-process run
+and the ranking terms are computed on all of them at once. Cohorts travel as a
+:class:`~rankcore.train.cache_split.CacheSplit` (cache root + keys): each worker opens the
+Parquet cache itself and reads only the rows of its own share of each batch, so the driver
+holds no volume. (A small in-memory :class:`SubjectData` is shipped by value: tests, demos.)
+
+GPU workers: ``use_gpu`` asks Ray for one GPU per worker; CUDA is checked on each worker, not
+in the driver, whose node (a cluster's head) may have none.
 
 Checkpoints: rank 0 hands each epoch folder to ``ray.train.report`` (every worker reports each
-epoch: it is a barrier); Ray keeps them under ``storage_path/name``. A worker failure restarts
-the workers from the latest reported epoch (``FailureConfig(max_failures)``), and calling
-``train_stage_ray`` again with the same ``storage_path`` and ``name`` resumes an interrupted
-run. At the end the final stage files (best weights + card) are copied into ``out_dir``.
+epoch: it is a barrier); Ray keeps them under ``storage_path/name``, where ``storage_path`` is
+a path every node sees or a URI (``s3://``, ``gs://``, ``file://``; passed to Ray as is). A
+worker failure restarts the workers from the latest reported epoch
+(``FailureConfig(max_failures)``), and calling ``train_stage_ray`` again with the same
+``storage_path`` and ``name`` resumes an interrupted run. At the end the final stage files
+(best weights + card) are copied into ``out_dir``.
 
 Ray is imported inside the functions only, so importing this module stays cheap.
 """
@@ -19,10 +26,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,79 +37,32 @@ import numpy as np
 import torch
 
 from rankcore.errors import InputError, TrainingError
+from rankcore.train.cache_split import CacheSplit
 from rankcore.train.checkpoint import CARD_FILE, MODEL_FILE, OPTIMIZER_FILE, load_stage_model
 from rankcore.train.config import TrainConfig
 from rankcore.train.data import SubjectData, as_subject_data
 from rankcore.train.loop import StageResult, _validate, train_stage
 from rankcore.train.objective import build_objective
+from rankcore.train.storage import storage_location
 
-__all__ = ["CacheSplit", "global_batch_objective", "train_stage_ray"]
+log = logging.getLogger("rankcore.train")
+
+__all__ = ["CacheSplit", "build_trainer", "global_batch_objective", "require_cuda",
+           "train_stage_ray"]
 
 
-@dataclass(frozen=True)
-class CacheSplit:
-    """Data named by a cache split, read on each worker (instead of shipped by value).
+def require_cuda(what: str) -> None:
+    """Raise InputError unless this process sees a CUDA device (run where the work runs).
 
-    Attributes:
-        cache_dir: the cache root.
-        split: a split name (or names), or None for every row.
-        stage1: stage-1 estimates by subject key (stage 2's input), or None.
-        preload: load the volumes into memory once per worker (float16).
-        keys: subject keys to keep, in this order (None: every row of ``split``); only these
-            volumes are read, so a fold or a carved validation set needs no tensors by value.
+    Args:
+        what: names the process in the message (e.g. ``"Ray Train worker 1"``).
     """
+    if not torch.cuda.is_available():
+        import socket
 
-    cache_dir: str
-    split: str | tuple[str, ...] | None = None
-    stage1: dict[str, float] | None = None
-    preload: bool = True
-    keys: tuple[str, ...] | None = None
-
-    def load(self, preload: bool | None = None) -> SubjectData:
-        """Open the split (``preload`` overrides the attribute; False reads no volume).
-
-        Raises:
-            InputError: a key of ``keys`` is not in the split, or ``stage1`` lacks a subject.
-        """
-        from rankcore.cache import VolumeDataset
-
-        split = list(self.split) if isinstance(self.split, tuple) else self.split
-        dataset: Any = VolumeDataset(self.cache_dir, split=split)
-        if self.keys is not None:
-            dataset = _KeyedRows(dataset, self.keys)
-        data = SubjectData.from_dataset(dataset,
-                                        preload=self.preload if preload is None else preload)
-        if self.stage1 is not None:
-            missing = [k for k in data.participant_ids if k not in self.stage1]
-            if missing:
-                raise InputError(f"`stage1` lacks estimates for {len(missing)} subject(s), "
-                                 f"e.g. {missing[:3]}")
-            data = data.with_stage1([self.stage1[k] for k in data.participant_ids])
-        return data
-
-
-class _KeyedRows:
-    """The rows of a VolumeDataset named by ``keys``, in that order (reads only those)."""
-
-    def __init__(self, dataset: Any, keys: tuple[str, ...]):
-        where = {k: i for i, k in enumerate(dataset.keys)}
-        missing = [k for k in keys if k not in where]
-        if missing:
-            raise InputError(f"`keys` must name rows of the cache split, got {len(missing)} "
-                             f"unknown key(s), e.g. {missing[:3]}")
-        if len(set(keys)) != len(keys):
-            raise InputError("`keys` must be unique")
-        self._dataset, self._rows = dataset, [where[k] for k in keys]
-        self.keys = list(keys)
-        self.ages = np.asarray(dataset.ages)[self._rows]
-        self.sexes = [dataset.sexes[i] for i in self._rows]
-        self.sites = [dataset.sites[i] for i in self._rows]
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def volume(self, i: int) -> Any:
-        return self._dataset.volume(self._rows[i])
+        raise InputError(f"`use_gpu` needs CUDA on every worker, got none on {what} "
+                         f"(host {socket.gethostname()}): give the cluster GPU workers or "
+                         "drop --gpu")
 
 
 def _materialise(spec: Any, name: str) -> SubjectData | None:
@@ -128,6 +88,7 @@ def _worker_loop(cfg: dict[str, Any]) -> None:
     world = TorchDistWorld()
     config = TrainConfig.from_dict(cfg["config"])
     if cfg["use_gpu"]:
+        require_cuda(f"Ray Train worker {world.rank}")
         torch.cuda.set_device(ray.train.torch.get_device())
         config = config.replace(device="cuda")
     train = _materialise(cfg["train"], "train_data")
@@ -194,12 +155,16 @@ def train_stage_ray(stage: int, config: TrainConfig | dict[str, Any], train_data
     Args:
         stage: 1 or 2 (as :func:`train_stage`).
         config: the training config; ``batch_size`` is the global batch.
-        train_data, val_data: a :class:`SubjectData` (shipped to every worker) or a
-            :class:`CacheSplit` (read by every worker).
+        train_data, val_data: a :class:`CacheSplit` (each worker reads its rows from the
+            cache; the driver reads metadata only) or a small :class:`SubjectData` (shipped to
+            every worker by value).
         out_dir: receives ``model.safetensors`` and ``card.json`` of the finished stage.
         num_workers: Ray Train workers (1 CPU, or 1 GPU with ``use_gpu``, each).
         use_gpu: NCCL + CUDA workers (bf16 autocast when ``config.amp``); else gloo on CPU.
-        storage_path: where Ray keeps run state and checkpoints (default: ``out_dir/ray``).
+            CUDA is checked on the workers (the driver's node may have no GPU).
+        storage_path: where Ray keeps run state and checkpoints: a path every node sees or a
+            URI (``s3://``, ``gs://``, ``file://``), passed to Ray unchanged (default:
+            ``out_dir/ray``).
         name: Ray run name (default ``stage{stage}``); same storage + name resumes a run.
         max_failures: worker-group restarts allowed (each resumes from the latest epoch).
         _fail_at_epoch: test hook: every worker raises after reporting this epoch, in the
@@ -209,48 +174,49 @@ def train_stage_ray(stage: int, config: TrainConfig | dict[str, Any], train_data
         A :class:`StageResult` (the model loaded from ``out_dir``).
 
     Raises:
-        InputError: unusable data or config (checked in the driver before Ray starts).
+        InputError: unusable data or config (checked in the driver before Ray starts), or
+            ``use_gpu`` with a worker that has no CUDA.
         TrainingError: the loss became NaN, or the run failed after ``max_failures`` retries.
     """
+    import ray
     import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     config = TrainConfig.from_dict(config)
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
         raise InputError(f"`num_workers` must be a positive integer, got {num_workers!r}")
-    if use_gpu and not torch.cuda.is_available():
-        raise InputError("`use_gpu` needs CUDA on the driver's machine, and it has none")
+    if not isinstance(use_gpu, bool):
+        raise InputError(f"`use_gpu` must be true or false, got {use_gpu!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and (out_dir / CARD_FILE).exists():
         raise InputError(f"`out_dir` {str(out_dir)!r} already holds a trained stage")
-    # Validate in the driver, so bad input fails fast and before Ray writes anything.
+    # Validate in the driver, so bad input fails fast and before Ray writes anything; a
+    # CacheSplit is opened without its volumes (metadata only).
     local_train = train_data if isinstance(train_data, CacheSplit) else as_subject_data(
         train_data, "train_data")
     check_train = (local_train.load(preload=False) if isinstance(local_train, CacheSplit)
                    else local_train)
     local_val = None if val_data is None else (
         val_data if isinstance(val_data, CacheSplit) else as_subject_data(val_data, "val_data"))
+    check_val = (local_val.load(preload=False) if isinstance(local_val, CacheSplit)
+                 else local_val)
 
     class _Size:
         rank, world_size = 0, num_workers
 
-    _validate(stage, config, check_train,
-              None if local_val is None or isinstance(local_val, CacheSplit) else local_val,
-              _Size())
+    _validate(stage, config, check_train, check_val, _Size())
     build_objective(config)
-    storage = Path(storage_path) if storage_path is not None else out_dir / "ray"
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={"stage": stage, "config": config.to_dict(), "train": local_train,
-                           "val": local_val, "use_gpu": use_gpu,
-                           "fail_at_epoch": _fail_at_epoch},
-        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-        run_config=RunConfig(name=name or f"stage{stage}", storage_path=str(storage.resolve()),
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-    )
+    del check_train, check_val
+    if use_gpu and ray.is_initialized():
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if gpus < num_workers:  # an autoscaler may still add GPU nodes: say why we wait
+            log.warning("stage %d waits for %d GPU worker(s); the Ray cluster has %g GPU(s) "
+                        "now", stage, num_workers, gpus)
+    trainer = build_trainer(
+        {"stage": stage, "config": config.to_dict(), "train": local_train, "val": local_val,
+         "use_gpu": use_gpu, "fail_at_epoch": _fail_at_epoch},
+        num_workers=num_workers, use_gpu=use_gpu,
+        storage_path=storage_path if storage_path is not None else out_dir / "ray",
+        name=name or f"stage{stage}", max_failures=max_failures)
     try:
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
@@ -268,6 +234,27 @@ def train_stage_ray(stage: int, config: TrainConfig | dict[str, Any], train_data
             os.replace(staged, out_dir / fname)
     model, card = load_stage_model(out_dir)
     return StageResult(model, card["history"], card["best_epoch"], out_dir, card)
+
+
+def build_trainer(loop_config: dict[str, Any], *, num_workers: int, use_gpu: bool,
+                  storage_path: str | os.PathLike[str], name: str, max_failures: int = 0):
+    """The ``TorchTrainer`` of :func:`train_stage_ray` (built, not started).
+
+    ``storage_path`` goes to ``RunConfig`` through
+    :func:`rankcore.train.storage.storage_location`: a URI unchanged, a path made absolute.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        _worker_loop,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(name=name, storage_path=storage_location(storage_path),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
 
 
 def _probe_loop(cfg: dict[str, Any]) -> None:

@@ -58,8 +58,10 @@ def _connect(ray_address: str | None, num_workers: int, use_gpu: bool) -> bool:
     if address:
         ray.init(address=address)
     else:
+        from rankcore.cache.engines import start_local_ray  # loopback only, ends with us
+
         gpus = torch.cuda.device_count() if use_gpu else 0
-        ray.init(num_cpus=max(2, num_workers), num_gpus=gpus, include_dashboard=False)
+        start_local_ray(num_cpus=max(2, num_workers), num_gpus=gpus)
     return True
 
 
