@@ -158,9 +158,9 @@ def run_cli(params: TrainParams) -> int:
     from rankcore.cache import check_complete
     from rankcore.train.cascade_plan import plan_cascade
 
-    args = _plan_args(params)
     try:
         # Unusable input fails here, in one line, before a flow run (and its logs) starts.
+        args = _plan_args(params)
         warning = check_complete(params.cache, args["preprocess"],
                                  allow_incomplete=params.allow_incomplete_cache)
         if warning:

@@ -154,6 +154,28 @@ def test_a_cache_of_another_grid_is_refused(tiny, tmp_path, capsys):
     _one_error_line(capsys, "model/cohort mismatch", "(12, 14, 10)", "(10, 12, 8)")
 
 
+def test_train_picks_the_cache_by_tissue_and_refuses_an_ambiguous_one(tiny, tmp_path, capsys):
+    from rankcore.cache import choose_config
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny.cache, cache)
+    off = find_layout(cache)
+    on = PreprocessConfig(**{**json.loads(off.config_path.read_text()), "tissue": True})
+    on = PreprocessConfig(**{**on.to_dict(), "shape": tuple(on.shape)})
+    shutil.copytree(off.folder, cache / on.digest())
+    (cache / on.digest() / "config.json").write_text(json.dumps(on.to_dict()))
+    assert choose_config(cache, 4.0, (12, 14, 10), False).digest() == off.digest
+    assert choose_config(cache, 4.0, (12, 14, 10), True) == on
+    with pytest.raises(InputError, match="`tissue` must be given") as err:
+        choose_config(cache, 4.0, (12, 14, 10))
+    assert off.digest in str(err.value) and on.digest() in str(err.value)
+    args = ["train", str(cache), "--out", str(tmp_path / "m"), "--spacing", "4", "--shape",
+            "12", "14", "10"]
+    assert main(args) == 2
+    _one_error_line(capsys, "`tissue` must be given", "tissue off", "tissue on")
+    assert not (tmp_path / "m").exists()
+
+
 # ---- 3. duplicate ids ----------------------------------------------------------------------
 
 def test_conflicting_duplicates_go_to_quarantine_together(tiny, tmp_path, capsys):
