@@ -71,6 +71,9 @@ def _add_ingest(p: argparse.ArgumentParser) -> None:
                    help="accept manifest paths outside the manifest's folder")
     p.add_argument("--no-require-age", dest="require_age", action="store_false", default=S,
                    help="accept subjects without an age")
+    p.add_argument("--no-tissue", dest="tissue", action="store_false", default=S,
+                   help="no tissue measurement (N4, registration, tissue channels): intensity "
+                        "volumes only, e.g. for phantoms")
     p.add_argument("--ray-address", default=S, help="join this Ray cluster (engine ray)")
 
 
@@ -101,9 +104,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                            "name of a shipped sorter)")
     rank.add_argument("--rank-loss", choices=["soft", "none"], default=S,
                       help="rank loss without a sorter: soft ranks or none (soft)")
-    p.add_argument("--epochs", type=int, default=S, help="epochs of every training job (15)")
+    p.add_argument("--epochs", type=int, default=S,
+                   help="epochs of every training job (default: rankcore.train.default_config)")
     p.add_argument("--batch-size", type=int, default=S,
-                   help="global mini-batch, the sequence the rank loss ranks (16)")
+                   help="global mini-batch, the sequence the rank loss ranks (default: "
+                        "rankcore.train.default_config)")
     p.add_argument("--workers", type=int, default=S,
                    help="local: stage-1 jobs run side by side in this many processes; "
                         "ray: Ray Train workers per stage (1)")
@@ -120,6 +125,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help="pick the cache of this voxel size (mm) when it holds several")
     p.add_argument("--shape", type=int, nargs=3, default=S, metavar=("X", "Y", "Z"),
                    help="pick the cache of this grid when it holds several")
+    p.add_argument("--tissue", action=argparse.BooleanOptionalAction, default=S,
+                   help="pick the cache ingested with (--tissue) or without (--no-tissue) "
+                        "tissue measurement when it holds both")
     p.add_argument("--allow-incomplete-cache", action="store_true", default=S,
                    help="use a cache whose ingest was interrupted (refused by default; "
                         "results then cover only the subjects cached so far)")
@@ -183,6 +191,8 @@ def _add_pipeline(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spacing", type=float, default=S, help="ingest voxel size, mm (2.0)")
     p.add_argument("--shape", type=int, nargs=3, default=S, metavar=("X", "Y", "Z"),
                    help="ingest grid in voxels (80 96 80)")
+    p.add_argument("--no-tissue", dest="tissue", action="store_false", default=S,
+                   help="ingest without tissue measurement (intensity volumes only)")
     p.add_argument("--allow-outside-root", action="store_true", default=S,
                    help="accept manifest paths outside the manifest's folder")
     p.add_argument("--max-failed-fraction", type=float, default=S,

@@ -58,6 +58,7 @@ class IngestParams(_Params):
     max_failed_fraction: float = Field(0.5, ge=0, le=1)
     allow_outside_root: bool = False
     require_age: bool = True
+    tissue: bool = True
     ray_address: str | None = None
     batch_size: int | None = Field(None, ge=1)
 
@@ -103,21 +104,24 @@ class TrainParams(_Params):
     """`brainrank train`: train the two-stage cascade on a cache into a model folder.
 
     ``rank_loss`` defaults to "soft" (training-free soft Spearman); giving ``sorter`` (a sorter
-    file or a shipped sorter's name) selects "sorter". ``epochs`` (per job) and ``k_folds``
-    default to the CPU sizing of rankcore.train.cascade_plan.default_config. ``workers``: with
-    engine "local", the fold and final stage-1 jobs run side by side in this many processes;
-    with engine "ray", the Ray Train workers of every stage. ``spacing`` / ``shape`` pick the
-    cache's preprocessing config when it holds several. ``val_fraction``, ``options`` (more
-    TrainConfig keys, e.g. ``lr`` or ``backbone``) and ``stage2_options`` (stage-2 overrides)
-    have no CLI option: set them in --config.
+    file or a shipped sorter's name) selects "sorter". ``epochs`` (per job) and ``batch_size``
+    None (the default) take the library's CPU sizing
+    (rankcore.train.cascade_plan.default_config, which also sets the early-stopping patience);
+    ``k_folds`` defaults to the same sizing. ``workers``: with engine "local", the fold and
+    final stage-1 jobs run side by side in this many processes; with engine "ray", the Ray Train
+    workers of every stage. ``spacing`` / ``shape`` pick the cache's preprocessing config when
+    it holds several, and ``tissue`` (None: either) whether that config measured tissue; several
+    caches matching is refused. ``val_fraction``, ``options`` (more TrainConfig keys, e.g.
+    ``lr`` or ``backbone``) and ``stage2_options`` (stage-2 overrides) have no CLI option: set
+    them in --config.
     """
 
     cache: str
     out: str
     rank_loss: Literal["sorter", "soft", "none"] | None = None
     sorter: str | None = Field(None, validate_default=True)
-    epochs: int = Field(15, ge=1, le=10_000)
-    batch_size: int = Field(16, ge=2, le=4096)
+    epochs: int | None = Field(None, ge=1, le=10_000)
+    batch_size: int | None = Field(None, ge=2, le=4096)
     workers: int = Field(1, ge=1, le=256)
     gpu: bool = False
     seed: int = Field(0, ge=0)
@@ -128,6 +132,7 @@ class TrainParams(_Params):
     ray_address: str | None = None
     spacing: float | None = Field(None, gt=0, le=8)
     shape: tuple[int, int, int] | None = None
+    tissue: bool | None = None
     options: dict = Field(default_factory=dict)
     stage2_options: dict = Field(default_factory=dict)
     allow_incomplete_cache: bool = False
@@ -157,6 +162,11 @@ class TrainParams(_Params):
                              "directly")
         return v
 
+    def sizing(self) -> dict[str, int]:
+        """``epochs`` and ``batch_size`` where given (the rest is the library's default)."""
+        return {k: v for k, v in (("epochs", self.epochs), ("batch_size", self.batch_size))
+                if v is not None}
+
     @model_validator(mode="after")
     def _options_build_configs(self) -> TrainParams:
         # Unknown or bad TrainConfig keys fail when the parameters are read, not when (in a
@@ -166,8 +176,7 @@ class TrainParams(_Params):
 
         for name, extra in (("options", {}), ("stage2_options", self.stage2_options)):
             try:
-                base = default_config(**self.options, epochs=self.epochs,
-                                      batch_size=self.batch_size, seed=self.seed,
+                base = default_config(**self.options, **self.sizing(), seed=self.seed,
                                       rank_loss=self.rank_loss or (
                                           "sorter" if self.sorter else "soft"),
                                       sorter=self.sorter)

@@ -39,10 +39,11 @@ def _section(model: type[BaseModel], name: str, drop: tuple[str, ...], doc: str
 #: Fields of each stage model that the pipeline sets itself (not options of its sections).
 PIPELINE_DERIVED: dict[str, tuple[str, ...]] = {
     "simulate": ("out_dir",),
-    "ingest": ("cohort", "cache", "spacing", "shape", "max_failed_fraction",
+    "ingest": ("cohort", "cache", "spacing", "shape", "tissue", "max_failed_fraction",
                "allow_outside_root", "require_age", "ray_address"),
     "pretrain": ("out", "ray_address"),
-    "train": ("cache", "out", "rank_loss", "sorter", "ray_address", "spacing", "shape"),
+    "train": ("cache", "out", "rank_loss", "sorter", "ray_address", "spacing", "shape",
+              "tissue"),
     "evaluate": ("model_dir", "cache", "out"),
 }
 
@@ -52,7 +53,7 @@ PipelineSimulate = _section(
 PipelineIngest = _section(
     IngestParams, "PipelineIngest", PIPELINE_DERIVED["ingest"],
     "Section `ingest`: how subjects are preprocessed (the grid is the top-level `spacing` "
-    "and `shape`).")
+    "and `shape`, tissue measurement the top-level `tissue`).")
 PipelinePretrain = _section(
     PretrainSorterParams, "PipelinePretrain", PIPELINE_DERIVED["pretrain"],
     "Section `sorter.pretrain`: the sorter pretrained into RUN_DIR/sorter.safetensors when "
@@ -95,8 +96,8 @@ class PipelineParams(_Params):
     """`brainrank pipeline`: cohort -> ingest -> sorter -> cascade -> evaluation, in RUN_DIR.
 
     ``out`` is RUN_DIR. Without ``cohort`` the cohort is simulated (section ``simulate``).
-    ``spacing``, ``shape``, ``allow_outside_root``, ``max_failed_fraction`` are the ingest
-    options (the pipeline stops when more than that fraction is quarantined). When no cohort
+    ``spacing``, ``shape``, ``tissue``, ``allow_outside_root``, ``max_failed_fraction`` are the
+    ingest options (the pipeline stops when more than that fraction is quarantined). When no cohort
     row is labelled ``test``, about ``test_fraction`` of the unlabelled participants are held
     out as the test split, drawn by a hash of ``split_seed`` and the participant id (stable as
     the cohort grows). ``until`` stops after that stage (e.g. "ingest" for a nightly ingest of
@@ -111,6 +112,7 @@ class PipelineParams(_Params):
     cohort: str | None = None
     spacing: float = Field(2.0, gt=0, le=8)
     shape: tuple[int, int, int] = (80, 96, 80)
+    tissue: bool = True
     allow_outside_root: bool = False
     max_failed_fraction: float = Field(0.5, ge=0, le=1)
     ray_address: str | None = None
@@ -171,7 +173,7 @@ class PipelineParams(_Params):
         """Parameters of the ingest stage (``allow_outside_root`` overrides the option)."""
         return IngestParams(
             cohort=cohort, cache=cache, spacing=self.spacing, shape=self.shape,
-            max_failed_fraction=self.max_failed_fraction,
+            tissue=self.tissue, max_failed_fraction=self.max_failed_fraction,
             allow_outside_root=(self.allow_outside_root if allow_outside_root is None
                                 else allow_outside_root),
             require_age=True, ray_address=self.ray_address, **self.ingest.model_dump())
@@ -189,7 +191,7 @@ class PipelineParams(_Params):
         rank_loss = "sorter" if source in ("shipped", "file", "pretrain") else source
         return TrainParams(cache=cache, out=out, rank_loss=rank_loss, sorter=sorter,
                            ray_address=self.ray_address, spacing=self.spacing,
-                           shape=self.shape, **self.train.model_dump())
+                           shape=self.shape, tissue=self.tissue, **self.train.model_dump())
 
     def evaluate_params(self, model_dir: str, cache: str, out: str) -> EvaluateParams:
         """Parameters of the evaluation of ``model_dir`` on ``cache`` into ``out``."""

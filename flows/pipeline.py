@@ -125,14 +125,14 @@ def _ingest(run: _Run, cohort: str) -> dict[str, Any]:
     rec, data = run.state.matches("ingest", key), None
     if rec is not None:
         try:
-            data = cache_digest_task(cache, p.spacing, p.shape)
+            data = cache_digest_task(cache, p.spacing, p.shape, p.tissue)
         except InputError:
             data = None  # the cache is gone or damaged: ingest again
     if rec is not None and data is not None and data["data_digest"] == rec["output_digest"]:
         rec = run.reuse(rec, f"{data['rows']} cached subject(s), splits {data['splits']}")
     else:
         summary = ingest_flow(ing)
-        data = cache_digest_task(cache, p.spacing, p.shape)
+        data = cache_digest_task(cache, p.spacing, p.shape, p.tissue)
         set_aside = len(prepared["set_aside"])
         total = summary["total"] + set_aside
         failed = summary["n_quarantined"] + set_aside

@@ -46,20 +46,20 @@ def train_config(params: TrainParams) -> dict[str, Any]:
     """The stage-1 TrainConfig (as a dict) that ``params`` ask for."""
     rank_loss = params.rank_loss or ("sorter" if params.sorter else "soft")
     changes = dict(params.options)
-    changes.update(epochs=params.epochs, batch_size=params.batch_size, seed=params.seed,
-                   rank_loss=rank_loss, sorter=params.sorter)
+    changes.update(**params.sizing(), seed=params.seed, rank_loss=rank_loss,
+                   sorter=params.sorter)
     return default_config(**changes).to_dict()
 
 
 def preprocess_config(params: TrainParams) -> Any:
-    """The PreprocessConfig choosing the cache folder, or None for the cache's only one."""
-    if params.spacing is None and params.shape is None:
-        return None
-    from rankcore.mri.types import PreprocessConfig
+    """The PreprocessConfig choosing the cache folder, or None for the cache's only one.
 
-    base = PreprocessConfig()
-    return PreprocessConfig(spacing=params.spacing or base.spacing,
-                            shape=tuple(params.shape or base.shape))
+    Raises:
+        InputError: several of the cache's configs match ``spacing``/``shape``/``tissue``.
+    """
+    from rankcore.cache import choose_config
+
+    return choose_config(params.cache, params.spacing, params.shape, params.tissue)
 
 
 def _plan_args(params: TrainParams) -> dict[str, Any]:
@@ -138,7 +138,7 @@ def _train(params: TrainParams, logger) -> dict:
     logger.info("training a cascade into %s: %d training / %d validation subjects (split: %s), "
                 "%d folds, %d epochs per job, engine %s, %d worker(s)", plan.model_dir,
                 len(plan.split["train"]), len(plan.split["val"]), plan.split["source"],
-                plan.k_folds, params.epochs, plan.engine, plan.workers)
+                plan.k_folds, plan.config["epochs"], plan.engine, plan.workers)
     artifact = create_progress_artifact(
         0.0, key="train-progress", description=f"cascade training into {plan.model_dir}")
     try:
@@ -158,9 +158,9 @@ def run_cli(params: TrainParams) -> int:
     from rankcore.cache import check_complete
     from rankcore.train.cascade_plan import plan_cascade
 
-    args = _plan_args(params)
     try:
         # Unusable input fails here, in one line, before a flow run (and its logs) starts.
+        args = _plan_args(params)
         warning = check_complete(params.cache, args["preprocess"],
                                  allow_incomplete=params.allow_incomplete_cache)
         if warning:

@@ -46,16 +46,17 @@ def prepare_cohort_task(cohort: str, manifest: str, allow_outside_root: bool,
 
 
 @task(name="cache-digest", retries=0, cache_policy=NO_CACHE)
-def cache_digest_task(cache: str, spacing: float, shape: tuple[int, int, int]
-                      ) -> dict[str, Any]:
-    """The data digest of the cache of (``spacing``, ``shape``) and its rows per split.
+def cache_digest_task(cache: str, spacing: float, shape: tuple[int, int, int],
+                      tissue: bool) -> dict[str, Any]:
+    """The data digest of the cache of (``spacing``, ``shape``, ``tissue``) and its rows per split.
 
     Raises:
         InputError: no such cache (or a corrupt one).
     """
     from rankcore.train.split import DIGEST_COLUMNS, cache_data_digest
 
-    view = open_cache(cache, PreprocessConfig(spacing=spacing, shape=tuple(shape)))
+    view = open_cache(cache, PreprocessConfig(spacing=spacing, shape=tuple(shape),
+                                             tissue=tissue))
     columns = {c: view.table.column(c).to_pylist() for c in DIGEST_COLUMNS}
     splits = Counter(s or "none" for s in columns["split"])
     return {"data_digest": cache_data_digest(view.layout.digest, columns),

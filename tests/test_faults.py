@@ -37,8 +37,10 @@ from rankcore.mri.types import PreprocessConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.prefect, pytest.mark.usefixtures("one_torch_thread")]
 
-GRID = {"spacing": 8.0, "shape": [12, 14, 12]}
-GRID_ARGS = ["--spacing", "8", "--shape", "12", "14", "12"]
+#: A coarse partial-head grid: too small a field of view to measure tissue, so it is off.
+GRID = {"spacing": 8.0, "shape": [12, 14, 12], "tissue": False}
+GRID_ARGS = ["--spacing", "8", "--shape", "12", "14", "12", "--no-tissue"]
+GRID_CONFIG = PreprocessConfig(spacing=8.0, shape=(12, 14, 12), tissue=False)
 PIPELINE = {
     **GRID, "test_fraction": 0.25,
     "simulate": {"subjects": 12, "spacing": 4.0, "sites": 2},
@@ -105,7 +107,7 @@ def _strays(folder: Path) -> list[str]:
 
 
 def _cache_content(cache: Path) -> tuple:
-    view = open_cache(cache, PreprocessConfig(spacing=8.0, shape=(12, 14, 12)), verify=True)
+    view = open_cache(cache, GRID_CONFIG, verify=True)
     vols = [view.read_volume(i).tobytes() for i in range(len(view))]
     return view.keys, view.table.to_pylist(), vols
 
@@ -270,7 +272,7 @@ def test_every_error_path_is_at_most_three_lines_with_exit_2(run, api_url, tmp_p
     spec = tmp_path / "cases.json"
     spec.write_text(json.dumps(cases))
     results = tmp_path / "results.json"
-    grid = PreprocessConfig(spacing=8.0, shape=(12, 14, 12))
+    grid = GRID_CONFIG
     with run_lock(held), cache_lock(CacheLayout.for_config(tmp_path / "held-cache", grid)):
         subprocess.run([sys.executable, str(Path(__file__).with_name("_error_paths.py")),
                         str(spec), str(results)], env=cli_env(api_url), check=True,

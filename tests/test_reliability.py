@@ -113,6 +113,20 @@ def test_weights_carry_their_preprocessing(tiny):
                                          "stage2/model.safetensors", "stage2/card.json"}
 
 
+def test_a_model_of_a_tissue_off_cache_predicts_with_tissue_off(tiny, tmp_path, capsys):
+    # The tiny cache was ingested without tissue measurement, and box phantoms fail it: a
+    # prediction succeeds only if the new scans are preprocessed exactly as the card says.
+    card = json.loads((tiny.model / "card.json").read_text())
+    assert card["preprocess"]["tissue"] is False
+    out = tmp_path / "p.csv"
+    assert main(["predict", str(tiny.model), str(tiny.manifest), "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    view = open_cache(tmp_path / "p.cache")
+    assert view.config.tissue is False
+    assert view.layout.digest == card["preprocess"]["digest"]
+    assert len(view) == 12
+
+
 def test_an_edited_card_is_refused_by_predict_and_evaluate(tiny, tmp_path, capsys):
     model = tmp_path / "model"
     shutil.copytree(tiny.model, model)
@@ -133,11 +147,33 @@ def test_an_edited_card_is_refused_by_predict_and_evaluate(tiny, tmp_path, capsy
 def test_a_cache_of_another_grid_is_refused(tiny, tmp_path, capsys):
     other = tmp_path / "other"
     assert main(["ingest", str(tiny.manifest), "--cache", str(other), "--spacing", "4",
-                 "--shape", "10", "12", "8"]) == 0
+                 "--shape", "10", "12", "8", "--no-tissue"]) == 0
     capsys.readouterr()
     assert main(["evaluate", str(tiny.model), str(other), "--out", str(tmp_path / "r"),
                  "--split", "all"]) == 2
     _one_error_line(capsys, "model/cohort mismatch", "(12, 14, 10)", "(10, 12, 8)")
+
+
+def test_train_picks_the_cache_by_tissue_and_refuses_an_ambiguous_one(tiny, tmp_path, capsys):
+    from rankcore.cache import choose_config
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny.cache, cache)
+    off = find_layout(cache)
+    on = PreprocessConfig(**{**json.loads(off.config_path.read_text()), "tissue": True})
+    on = PreprocessConfig(**{**on.to_dict(), "shape": tuple(on.shape)})
+    shutil.copytree(off.folder, cache / on.digest())
+    (cache / on.digest() / "config.json").write_text(json.dumps(on.to_dict()))
+    assert choose_config(cache, 4.0, (12, 14, 10), False).digest() == off.digest
+    assert choose_config(cache, 4.0, (12, 14, 10), True) == on
+    with pytest.raises(InputError, match="`tissue` must be given") as err:
+        choose_config(cache, 4.0, (12, 14, 10))
+    assert off.digest in str(err.value) and on.digest() in str(err.value)
+    args = ["train", str(cache), "--out", str(tmp_path / "m"), "--spacing", "4", "--shape",
+            "12", "14", "10"]
+    assert main(args) == 2
+    _one_error_line(capsys, "`tissue` must be given", "tissue off", "tissue on")
+    assert not (tmp_path / "m").exists()
 
 
 # ---- 3. duplicate ids ----------------------------------------------------------------------
@@ -233,7 +269,7 @@ def test_bad_train_options_in_a_pipeline_config_fail_before_anything_runs(tmp_pa
 def test_an_error_inside_a_flow_ends_in_one_line_without_traceback(tiny, api_url, tmp_path):
     from rankcore.cache.layout import CacheLayout, cache_lock
 
-    config = PreprocessConfig(spacing=4.0, shape=(12, 14, 10))
+    config = PreprocessConfig(spacing=4.0, shape=(12, 14, 10), tissue=False)
     cache = tmp_path / "cache"
     with cache_lock(CacheLayout.for_config(cache, config)):  # another ingest is writing it
         code, _, err = run(["ingest", tiny.manifest, "--cache", cache, *GRID], api_url)

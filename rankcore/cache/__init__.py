@@ -17,7 +17,14 @@ from rankcore.cache.ingest import (
     finalize_ingest,
     ingest_cohort,
 )
-from rankcore.cache.layout import CacheLayout, Manifest, ShardInfo, cache_lock, find_layout
+from rankcore.cache.layout import (
+    CacheLayout,
+    Manifest,
+    ShardInfo,
+    cache_lock,
+    choose_config,
+    find_layout,
+)
 from rankcore.cache.plan import IngestPlan, plan_ingest
 from rankcore.cache.reader import CacheView, check_complete, open_cache
 from rankcore.cache.schema import (
@@ -53,6 +60,7 @@ __all__ = [
     "VolumeDataset",
     "cache_lock",
     "check_complete",
+    "choose_config",
     "commit_batch",
     "decode_volume",
     "ensure_ray",

@@ -112,6 +112,48 @@ def find_layout(cache_dir: str | Path, config: PreprocessConfig | None = None) -
     return CacheLayout(root, found[0])
 
 
+def choose_config(cache_dir: str | Path, spacing: float | None = None,
+                  shape: tuple[int, int, int] | None = None, tissue: bool | None = None
+                  ) -> PreprocessConfig | None:
+    """The config of the one cache under ``cache_dir`` with the settings given (None: any).
+
+    With nothing given: None (:func:`find_layout` then takes the only config). Otherwise the
+    current configs stored under ``cache_dir`` that match every given setting; when none
+    does, the default PreprocessConfig with those settings (whose missing cache
+    :func:`find_layout` reports).
+
+    Raises:
+        InputError: several stored configs match (e.g. tissue on and off on one grid).
+    """
+    if spacing is None and shape is None and tissue is None:
+        return None
+    root = Path(cache_dir)
+    wanted = {k: v for k, v in (("spacing", spacing), ("tissue", tissue),
+                                ("shape", None if shape is None else tuple(shape)))
+              if v is not None}
+    matches = []
+    for path in sorted(root.glob("*/manifest.json")):
+        layout = CacheLayout(root, path.parent.name)
+        try:
+            config = read_config(layout)
+        except InputError:
+            continue  # stale or unreadable: not a candidate
+        if all(getattr(config, k) == v for k, v in wanted.items()):
+            matches.append(config)
+    if len(matches) > 1:
+        listed = "; ".join(f"{c.digest()} (spacing {c.spacing:g}, shape "
+                           f"{'x'.join(map(str, c.shape))}, tissue "
+                           f"{'on' if c.tissue else 'off'})" for c in matches)
+        raise InputError(f"`tissue` must be given: `cache_dir` {str(root)!r} holds "
+                         f"{len(matches)} caches with these settings: {listed}")
+    if matches:
+        return matches[0]
+    base = PreprocessConfig()
+    return PreprocessConfig(spacing=wanted.get("spacing", base.spacing),
+                            shape=wanted.get("shape", base.shape),
+                            tissue=wanted.get("tissue", base.tissue))
+
+
 def read_config(layout: CacheLayout) -> PreprocessConfig:
     """The PreprocessConfig stored in ``layout.config_path``.
 

@@ -26,6 +26,7 @@ from rankcore.mri.types import PreprocessConfig
 
 
 def _corrupt(layout: CacheLayout, name: str, problem: str) -> InputError:
+    problem = " ".join(problem.split())  # Arrow's messages can span lines; an error is one
     return InputError(f"cache shard {name} in {str(layout.folder)!r} is corrupt ({problem}); "
                       f"run `brainrank ingest` again to rebuild it")
 

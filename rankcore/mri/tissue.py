@@ -49,7 +49,8 @@ CSF_CHECK_MAX_MM = 4.0  # ... where voxels are fine enough to hold pure CSF
 FRACTION_RANGES = {"gm": (0.2, 0.75), "wm": (0.15, 0.65), "csf": (0.02, 0.6)}
 
 _ADVICE = ("brainrank expects a skull-stripped T1-weighted brain; check the image (modality, "
-           "brain extraction, orientation), or ingest with `tissue` off")
+           "brain extraction, orientation), or ingest with `tissue` off (`brainrank ingest "
+           "--no-tissue`)")
 
 
 @dataclass
