@@ -44,7 +44,7 @@ __all__ = ["CLASSES", "TISSUE_FEATURES", "TissueResult", "check_tissue", "fit_em
 MIN_DICE = 0.85
 SCALE_RANGE = (0.7, 1.4)
 MIN_CONTRAST = 1.0
-MAX_CSF_MEAN = 0.5  # CSF / WM intensity; T1 CSF is far darker than WM ...
+MAX_CSF_MEAN = 0.55  # CSF / WM intensity; T1 CSF is far darker than WM ...
 CSF_CHECK_MAX_MM = 4.0  # ... where voxels are fine enough to hold pure CSF
 FRACTION_RANGES = {"gm": (0.2, 0.75), "wm": (0.15, 0.65), "csf": (0.02, 0.6)}
 
