@@ -106,6 +106,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=S, help="random seed (0)")
     p.add_argument("--k-folds", type=int, default=S,
                    help="cross-fitting folds for stage 2's out-of-fold inputs (3)")
+    p.add_argument("--test-fraction", type=float, default=S,
+                   help="when no cached row is labelled test, hold out this share of the "
+                        "participants as the test split, as `pipeline` does (0.2; 0: none)")
+    p.add_argument("--split-seed", type=int, default=S,
+                   help="seed of the test hold-out's stable hash (0)")
     p.add_argument("--engine", choices=["local", "ray"], default=S,
                    help="train in this process or on Ray Train (local)")
     p.add_argument("--storage-path", default=S,

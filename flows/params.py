@@ -103,9 +103,12 @@ class TrainParams(_Params):
     default to the CPU sizing of rankcore.train.cascade_plan.default_config. ``workers``: with
     engine "local", the fold and final stage-1 jobs run side by side in this many processes;
     with engine "ray", the Ray Train workers of every stage. ``spacing`` / ``shape`` pick the
-    cache's preprocessing config when it holds several. ``val_fraction``, ``options`` (more
-    TrainConfig keys, e.g. ``lr`` or ``backbone``) and ``stage2_options`` (stage-2 overrides)
-    have no CLI option: set them in --config.
+    cache's preprocessing config when it holds several. When no cached row is labelled
+    ``test``, ``test_fraction`` of the unlabelled participants are held out as the test split
+    by the pipeline's stable hash of ``split_seed`` and the participant id (0: train on
+    everything; `brainrank evaluate` then has no unseen subjects). ``val_fraction``,
+    ``options`` (more TrainConfig keys, e.g. ``lr`` or ``backbone``) and ``stage2_options``
+    (stage-2 overrides) have no CLI option: set them in --config.
     """
 
     cache: str
@@ -119,6 +122,8 @@ class TrainParams(_Params):
     seed: int = Field(0, ge=0)
     k_folds: int = Field(3, ge=2, le=20)
     val_fraction: float = Field(0.1, ge=0, le=0.5)
+    test_fraction: float = Field(0.2, ge=0, le=0.5)
+    split_seed: int = Field(0, ge=0)
     engine: Literal["local", "ray"] = "local"
     storage_path: str | None = None
     ray_address: str | None = None
@@ -379,7 +384,8 @@ class PipelineParams(_Params):
         rank_loss = "sorter" if source in ("shipped", "file", "pretrain") else source
         return TrainParams(cache=cache, out=out, rank_loss=rank_loss, sorter=sorter,
                            ray_address=self.ray_address, spacing=self.spacing,
-                           shape=self.shape, **self.train.model_dump())
+                           shape=self.shape, test_fraction=self.test_fraction,
+                           split_seed=self.split_seed, **self.train.model_dump())
 
     def evaluate_params(self, model_dir: str, cache: str, out: str) -> EvaluateParams:
         """Parameters of the evaluation of ``model_dir`` on ``cache`` into ``out``."""

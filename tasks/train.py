@@ -65,11 +65,13 @@ def _ensure_ray(address: str | None, workers: int) -> None:
 def plan_training_task(cache: str, out: str, config: dict[str, Any], k_folds: int,
                        val_fraction: float, preprocess: Any, engine: str, workers: int,
                        use_gpu: bool, storage_path: str | None,
-                       stage2: dict[str, Any] | None) -> CascadePlan:
+                       stage2: dict[str, Any] | None, test_fraction: float = 0.0,
+                       split_seed: int = 0) -> CascadePlan:
     """Check the cache, config and model folder; fix the split and folds (writes nothing)."""
     return plan_cascade(cache, out, config, k_folds=k_folds, val_fraction=val_fraction,
                         preprocess=preprocess, engine=engine, workers=workers,
-                        use_gpu=use_gpu, storage_path=storage_path, stage2=stage2)
+                        use_gpu=use_gpu, storage_path=storage_path, stage2=stage2,
+                        test_fraction=test_fraction, split_seed=split_seed)
 
 
 @task(name="train-job", task_run_name="train-{job}", retries=1, retry_delay_seconds=2,
@@ -112,6 +114,8 @@ def summarise(card: dict[str, Any], model_dir: str, *, reused: bool) -> dict[str
         "n_train": card["data"]["n_train"],
         "n_val": card["data"]["n_val"],
         "split_source": card["split"]["source"],
+        "test_source": card["split"].get("test", {}).get("source", "none"),
+        "n_test": card["split"].get("test", {}).get("n", 0),
         "metrics": card["metrics"],
         "jobs": {job: {"epochs_run": s["epochs_run"], "best_epoch": s["best_epoch"],
                        "seconds": round(s["seconds"], 2)} for job, s in stages.items()},

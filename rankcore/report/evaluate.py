@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -35,6 +34,14 @@ from rankcore.bias import BiasCorrection, fit_bias_correction
 from rankcore.errors import InputError
 from rankcore.inference.bias_store import BIAS_FILE, load_bias, save_bias
 from rankcore.inference.model import describe_config, model_preprocess, predict_cascade
+from rankcore.report._files import (
+    CURVES_FILE,
+    METRICS_FILE,
+    copy_curves,
+    json_safe,
+    prepare_out_dir,
+    swap_in,
+)
 from rankcore.report.floor import simulated_floor
 from rankcore.report.metrics_table import build_metrics
 from rankcore.report.plots import plot_gap_vs_age, plot_pred_vs_age, plot_site_boxes
@@ -47,8 +54,6 @@ log = logging.getLogger("rankcore.report")
 
 #: ``split`` value that evaluates every row of the cache.
 ALL_SPLITS = "all"
-METRICS_FILE = "metrics.json"
-CURVES_FILE = "training_curves.png"
 
 
 @dataclass(frozen=True)
@@ -68,33 +73,6 @@ class Evaluation:
     files: dict[str, str]
     summary_markdown: str
     warnings: tuple[str, ...] = field(default_factory=tuple)
-
-
-def _prepare_out_dir(out_dir: Path) -> None:
-    """Refuse an out_dir that exists and is neither empty nor an earlier report."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise InputError(f"`out_dir` must be a folder, got the file {str(out_dir)!r}")
-    if any(out_dir.iterdir()) and not (out_dir / METRICS_FILE).is_file():
-        raise InputError(f"`out_dir` {str(out_dir)!r} is not empty and holds no earlier report "
-                         "(metrics.json): choose another folder")
-
-
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished ``tmp`` onto ``out_dir`` (replacing an earlier report)."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _open_model_cache(cache_dir: str | Path, config: Any) -> Any:
@@ -190,31 +168,32 @@ def _validation_correction(cascade: Any, card: dict[str, Any], model_dir: Path,
     return correction, f"stored in {model_dir / BIAS_FILE}", val_keys
 
 
-def _copy_curves(model_dir: Path, card: dict[str, Any], tmp: Path) -> bool:
-    src = model_dir / card.get("files", {}).get("curves", CURVES_FILE)
-    if src.is_file():
-        shutil.copyfile(src, tmp / CURVES_FILE)
-        return True
-    stages = card.get("stages")
-    if isinstance(stages, dict) and stages:
-        from rankcore.train.curves import plot_training_curves
+def _split_rows(view: Any, card: dict[str, Any], split: str, cache_dir: str) -> np.ndarray:
+    """Rows of ``split``: its label, or the test split the model's training held out by hash."""
+    from rankcore.train.split import HELD_OUT, held_out_test_rows
 
-        plot_training_curves({j: s.get("history", []) for j, s in stages.items()},
-                             tmp / CURVES_FILE, title=f"cascade {model_dir.name}")
-        return True
-    return False
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float | np.floating):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
+    labels = view.table.column("split").to_pylist()
+    test = card.get("split", {}).get("test", {})
+    if split == ALL_SPLITS:
+        rows = np.arange(len(view))
+    elif split in view.splits:
+        rows = np.flatnonzero(np.asarray([s == split for s in labels]))
+    elif split == "test" and test.get("source") == HELD_OUT:
+        ages = view.table.column("age").to_numpy(zero_copy_only=False).astype(np.float64)
+        rows = np.flatnonzero(held_out_test_rows(
+            view.table.column("participant_id").to_pylist(), ages, labels,
+            float(test["fraction"]), int(test["seed"])))
+    else:
+        why = ("" if split != "test" else ": the model holds out no test split of its own "
+               "(trained with --test-fraction 0, or by an older brainrank); retrain with "
+               "`brainrank train CACHE_DIR --out MODEL_DIR` (it holds out 20 % by default), "
+               "label a test split in the cohort's `split` column, or pass --split all to "
+               "score every cached subject (in-sample for the training subjects)")
+        raise InputError(f"`split` must be one of {[*view.splits, ALL_SPLITS]} for cache "
+                         f"{cache_dir!r}, got {split!r}{why}")
+    if len(rows) == 0:
+        raise InputError(f"cache {cache_dir!r} has no subjects in split {split!r}")
+    return rows
 
 
 def _setup(model_dir: Path, cache_dir: str | Path, out_dir: Path, split: str,
@@ -225,20 +204,11 @@ def _setup(model_dir: Path, cache_dir: str | Path, out_dir: Path, split: str,
 
     if not isinstance(split, str) or not split:
         raise InputError(f"`split` must be a split name or 'all', got {split!r}")
-    _prepare_out_dir(out_dir)
+    prepare_out_dir(out_dir)
     cascade, card = load_cascade(model_dir, resolve_device(device))
     config = model_preprocess(card)
     view = _open_model_cache(cache_dir, config)
-    labels = view.table.column("split").to_pylist()
-    if split == ALL_SPLITS:
-        rows = np.arange(len(view))
-    else:
-        if split not in view.splits:
-            raise InputError(f"`split` must be one of {[*view.splits, ALL_SPLITS]} for cache "
-                             f"{str(cache_dir)!r}, got {split!r}")
-        rows = np.flatnonzero(np.asarray([s == split for s in labels]))
-    if len(rows) == 0:
-        raise InputError(f"cache {str(cache_dir)!r} has no subjects in split {split!r}")
+    rows = _split_rows(view, card, split, str(cache_dir))
     return cascade, card, config, view, rows
 
 
@@ -322,7 +292,7 @@ def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | 
         "same_data_as_training": same_data, "overlap_with_training": overlap,
         "warnings": warnings,
     })
-    metrics = _json_safe(metrics)
+    metrics = json_safe(metrics)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -349,7 +319,7 @@ def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | 
         plot_pred_vs_age(ages, final, tmp / figures[0].file, stage1=stage1)
         plot_gap_vs_age(ages, gap, tmp / figures[1].file, corrected_gap=corrected_gap)
         plot_site_boxes(sites, gap, tmp / figures[2].file)
-        if _copy_curves(model_dir, card, tmp):
+        if copy_curves(model_dir, card, tmp):
             figures.append(Figure(CURVES_FILE, "Training curves (copied from the model "
                                                "folder)"))
         facts = [f"model: {model_dir.resolve()} (training key "
@@ -363,7 +333,7 @@ def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | 
         (tmp / "report.html").write_text(render_html(blocks, tmp), encoding="utf-8")
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n",
                                         encoding="utf-8")
-        _swap_in(tmp, out_dir)
+        swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -228,8 +228,8 @@ def train_cascade(cache_dir: str | Path, model_dir: str | Path,
                   engine: str = "local", storage_path: str | Path | None = None,
                   k_folds: int = DEFAULT_K_FOLDS, val_fraction: float = DEFAULT_VAL_FRACTION,
                   preprocess: Any = None, stage2: dict[str, Any] | None = None,
-                  progress: Progress | None = None,
-                  stage2_source: str | None = None) -> CascadeResult:
+                  progress: Progress | None = None, stage2_source: str | None = None,
+                  test_fraction: float = 0.0, split_seed: int = 0) -> CascadeResult:
     """Train the cascade on a cache and write MODEL_DIR (see the module docstring).
 
     Idempotent: when MODEL_DIR's card has this run's training key (same configs, folds and
@@ -261,6 +261,9 @@ def train_cascade(cache_dir: str | Path, model_dir: str | Path,
             cascade's output is stage 1's) or ``"insample"`` (stage 2 on the final stage 1's
             in-sample estimates, no fold jobs: an ablation only). See
             :func:`rankcore.train.cascade_plan.plan_cascade`.
+        test_fraction, split_seed: hold out a test split when the cache labels none (see
+            :func:`rankcore.train.cascade_plan.plan_cascade`; ``brainrank train`` holds out
+            0.2 by default, as the pipeline does).
 
     Returns:
         A :class:`CascadeResult`.
@@ -273,7 +276,8 @@ def train_cascade(cache_dir: str | Path, model_dir: str | Path,
     plan = plan_cascade(cache_dir, model_dir, config, k_folds=k_folds,
                         val_fraction=val_fraction, preprocess=preprocess, engine=engine,
                         workers=workers, use_gpu=use_gpu, storage_path=storage_path,
-                        stage2=stage2, stage2_source=stage2_source)
+                        stage2=stage2, stage2_source=stage2_source,
+                        test_fraction=test_fraction, split_seed=split_seed)
     if plan.reuse:
         log.info("reusing %s: its card matches this config and data (digest %s)",
                  plan.model_dir, plan.data_digest[:12])
