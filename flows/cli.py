@@ -29,6 +29,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                  "score a trained cascade on a split of a cache; write metrics, plots, report"),
     "predict": ("flows.predict", "PredictParams",
                 "apply a trained cascade to a cohort (BIDS root or manifest); write a table"),
+    "card": ("flows.card", "CardParams",
+             "print a model's card: intended use, training population, split, metrics, "
+             "versions"),
     "pipeline": ("flows.pipeline", "PipelineParams",
                  "the main job: (simulate) -> ingest -> sorter -> train -> evaluate into "
                  "RUN_DIR, reusing unchanged stages"),
@@ -169,6 +172,13 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
                    help="exit 3 when more than this fraction is set aside (1.0)")
 
 
+def _add_card(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", nargs="?", default=S, metavar="MODEL_DIR",
+                   help="model folder written by `brainrank train`")
+    p.add_argument("--json", dest="as_json", action="store_true", default=S,
+                   help="print the raw card.json")
+
+
 def _add_pipeline(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=S, metavar="RUN_DIR",
                    help="run folder (a rerun reuses every stage whose inputs did not change)")
@@ -236,6 +246,7 @@ _ADDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "train": _add_train,
     "evaluate": _add_evaluate,
     "predict": _add_predict,
+    "card": _add_card,
     "pipeline": _add_pipeline,
     "submit": _add_submit,
     "serve": _add_serve,

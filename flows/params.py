@@ -180,6 +180,13 @@ class EvaluateParams(_Params):
     store_bias: bool = True
 
 
+class CardParams(_Params):
+    """`brainrank card`: print a model's card (``as_json``, option --json: the raw card.json)."""
+
+    model_dir: str = Field(min_length=1)
+    as_json: bool = False
+
+
 class PredictParams(_Params):
     """`brainrank predict`: apply a trained cascade to a cohort (BIDS root or manifest).
 

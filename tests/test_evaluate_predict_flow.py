@@ -105,7 +105,7 @@ def test_evaluate_flow_writes_a_complete_report(trained, evaluated):
     # validation predictions training itself wrote, and it is stored for `predict`.
     bc = metrics["bias_corrected"]
     assert bc["available"] and bc["n_fit"] == 2
-    val = _rows(trained["model"] / "stage2" / "predictions.csv")
+    val = _rows(trained["base"] / "model.records" / "stage2" / "predictions.csv")
     ages = dict(zip(open_cache(trained["cache"], PREPROCESS).keys,
                     open_cache(trained["cache"], PREPROCESS).table.column("age").to_pylist()))
     ref = fit_bias_correction([float(v["cascade"]) for v in val], [ages[v["key"]] for v in val])

@@ -47,6 +47,7 @@ from rankcore.report.metrics_table import build_metrics
 from rankcore.report.plots import plot_gap_vs_age, plot_pred_vs_age, plot_site_boxes
 from rankcore.report.predictions import predictions_table, write_table
 from rankcore.report.render import Figure, render_html, render_markdown, report_blocks
+from rankcore.train.card_info import read_split_record
 
 __all__ = ["ALL_SPLITS", "Evaluation", "check_evaluation", "evaluate_model"]
 
@@ -134,7 +135,7 @@ def _validation_correction(cascade: Any, card: dict[str, Any], model_dir: Path,
     """
     from rankcore.cache import open_cache
 
-    val_keys = tuple(card.get("split", {}).get("val", ()))
+    val_keys = tuple(read_split_record(model_dir, card).get("val", ()))
     digest = card.get("data", {}).get("digest")
     candidates = [(str(cache_dir), view, data)]
     train_cache = card.get("data", {}).get("cache_dir")
@@ -265,8 +266,7 @@ def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | 
         cascade, card, model_dir, cache_dir, view, data, config, batch_size)
     keys = [view.keys[i] for i in rows]
     same_data = _data_digest(view) == card.get("data", {}).get("digest")
-    split_card = card.get("split", {})
-    trained_on = set(split_card.get("train", ())) | set(val_keys)
+    trained_on = set(read_split_record(model_dir, card).get("train", ())) | set(val_keys)
     overlap = sum(k in trained_on for k in keys) if same_data else 0
     if overlap:
         warnings.append(f"{overlap} of the {len(keys)} evaluated subjects were used in "
@@ -339,8 +339,9 @@ def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | 
         raise
     if correction is not None and store_bias:
         try:
+            # No validation ids in the model folder: it is meant to be shared.
             save_bias(model_dir / BIAS_FILE, correction, card, source=bias_source,
-                      val_keys=list(val_keys))
+                      n_val=len(val_keys))
         except OSError as err:
             log.warning("could not store the bias correction in %s: %s", model_dir, err)
     files = {p.name: str(p) for p in sorted(out_dir.iterdir()) if p.is_file()}

@@ -17,16 +17,22 @@ process, in a process pool or as a Prefect task, and the job is the retry unit. 
 run again resumes from its latest epoch checkpoint (a finished job only recomputes its
 predictions). ``fold-*`` and ``stage1`` are independent; ``stage2`` needs all of them.
 
-MODEL_DIR layout::
+MODEL_DIR layout (no participant id anywhere in it: it is meant to be shared)::
 
-    card.json               config, data digest, split, metrics per epoch of every job,
-                            summary metrics, library versions, rank convention, the cache's
-                            preprocessing config
+    card.json               config, data digest, how the split was made (counts and seeds),
+                            metrics per epoch of every job, summary metrics, library versions,
+                            rank convention, the cache's preprocessing config, intended use,
+                            training population (age range, sex and site mix)
     training_curves.png     training loss and validation MAE per epoch of every job
-    stage1/                 model.safetensors + card.json (final stage 1), predictions.csv
-    stage2/                 model.safetensors + card.json, predictions.csv (validation)
-    crossfit/fold-i/        model.safetensors + card.json + heldout.csv of each fold model
-    crossfit/oof.csv        key, fold, stage1_oof: stage 2's training input
+    stage1/, stage2/        model.safetensors + card.json
+    crossfit/fold-i/        model.safetensors + card.json of each fold model
+
+MODEL_DIR.records/ (per-subject training records; keep them with the data,
+:mod:`rankcore.train.card_info`)::
+
+    split.json              training key, training and validation keys, folds
+    stage1/predictions.csv  key, role, stage1;   stage2/predictions.csv: key, stage1, cascade
+    crossfit/fold-i/heldout.csv, crossfit/oof.csv   key, fold, stage1_oof
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ import torch
 
 from rankcore.errors import CheckpointError, TrainingError
 from rankcore.models.cascade import Cascade
+from rankcore.train.card_info import INTENDED_USE, move_records, population, records_dir
 from rankcore.train.cascade_jobs import (
     HELDOUT_FILE,
     PREDICTIONS_FILE,
@@ -117,6 +124,20 @@ def _metrics(pred: np.ndarray, ages: np.ndarray) -> dict[str, float] | None:
     return evaluate(pred, ages) if len(pred) else None
 
 
+def _population(plan: CascadePlan) -> dict[str, Any]:
+    """Age range, sex and site mix of the training and validation subjects (no ids)."""
+    from rankcore.cache import open_cache
+    from rankcore.mri.types import PreprocessConfig
+
+    config = PreprocessConfig(**dict(plan.preprocess, shape=tuple(plan.preprocess["shape"])))
+    table = open_cache(plan.cache_dir, config).table
+    row = {k: i for i, k in enumerate(table.column("key").to_pylist())}
+    used = [row[k] for k in (*plan.split["train"], *plan.split["val"])]
+    col = {c: table.column(c).to_pylist() for c in ("age", "sex", "site")}
+    return population(used, [np.nan if col["age"][i] is None else col["age"][i] for i in used],
+                      [col["sex"][i] for i in used], [col["site"][i] for i in used])
+
+
 def _build_card(plan: CascadePlan, staging: Path) -> dict[str, Any]:
     stages = {job: stage_summary(stage_dir(plan, job)) for job in plan.jobs}
     train_keys, val_keys = plan.split["train"], plan.split["val"]
@@ -149,7 +170,10 @@ def _build_card(plan: CascadePlan, staging: Path) -> dict[str, Any]:
                  "preproc_digest": plan.preproc_digest,
                  "n_train": len(train_keys), "n_val": len(val_keys)},
         "preprocess": dict(plan.preprocess, digest=plan.preproc_digest),
-        "split": dict(plan.split, folds=dict(zip(train_keys, plan.folds))),
+        "split": {k: v for k, v in plan.split.items() if k not in ("train", "val")},
+        "intended_use": INTENDED_USE,
+        "training_population": _population(plan),
+        "records": records_dir(plan.model_dir).name,
         "stages": stages,
         "metrics": {
             "train_stage1_oof": oof_metrics,
@@ -160,7 +184,7 @@ def _build_card(plan: CascadePlan, staging: Path) -> dict[str, Any]:
         "versions": library_versions(),
         "rank_convention": rank_convention(config),
         "files": {"stage1": "stage1/model.safetensors", "stage2": "stage2/model.safetensors",
-                  "oof": f"crossfit/{OOF_FILE}", "curves": CURVES_FILE},
+                  "curves": CURVES_FILE},
         "seconds": float(sum(s["seconds"] for s in stages.values())),
     }
 
@@ -192,9 +216,13 @@ def finish_cascade(plan: CascadePlan) -> CascadeResult:
     if check_model_dir(model_dir, plan.training_key, config, plan.k_folds, plan.data_digest):
         shutil.rmtree(staging, ignore_errors=True)  # a concurrent run finished first
         return CascadeResult(model_dir, json.loads((model_dir / CARD_FILE).read_text()), True)
+    records = Path(f"{plan.staging_dir}{Path(card['records']).suffix}")
+    move_records(staging, records, plan.split, plan.folds, plan.training_key)
     if model_dir.exists():
         model_dir.rmdir()  # empty (checked above); rename needs it gone or empty
     os.replace(staging, model_dir)
+    shutil.rmtree(records_dir(model_dir), ignore_errors=True)  # an earlier model's records
+    os.replace(records, records_dir(model_dir))
     clear_data_cache()
     m = card["metrics"]
     log.info("cascade written to %s (val MAE stage 1 %s, cascade %s)", model_dir,
