@@ -78,7 +78,7 @@ class Cohort:
     """A parsed cohort: the usable rows, the rows set aside, and where it came from."""
 
     root: Path
-    kind: Literal["bids", "manifest"]
+    kind: Literal["bids", "manifest", "image", "images"]
     rows: tuple[CohortRow, ...]
     quarantine: tuple[QuarantineEntry, ...] = ()
 
