@@ -59,6 +59,7 @@ def test_predict_one_nifti_and_the_same_image_as_mgz(prefect_server, model, volu
         assert rows[0]["status"] == "predicted" and rows[0]["age"] == ""
         out[name] = float(rows[0]["predicted_age"])
         assert 0 < out[name] < 120
+        assert float(rows[0]["interval_low"]) < out[name] < float(rows[0]["interval_high"])
     # The same voxels and affine, read by nibabel from .mgz: the same brain age.
     assert out["mgz"] == pytest.approx(out["nii"], abs=1e-3)
 

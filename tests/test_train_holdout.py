@@ -56,6 +56,20 @@ def test_ingest_train_evaluate_without_a_split_column(prefect_server, tmp_path, 
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["n"] == len(expected) and metrics["overlap_with_training"] == 0
 
+    # The calibrated interval: stored at train time, applied and scored on the test split.
+    assert card["interval"]["level"] == 0.9
+    assert card["interval"]["n_calibration"] == card["data"]["n_val"]
+    iv = metrics["interval"]
+    assert iv["level"] == 0.9 and iv["n"] == len(expected) and 0 <= iv["coverage"] <= 1
+    with open(report / "predictions.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    inside = [float(r["interval_low"]) <= float(r["age"]) <= float(r["interval_high"])
+              for r in rows]
+    assert iv["coverage"] == pytest.approx(sum(inside) / len(rows))
+    assert all(float(r["interval_low"]) < float(r["predicted_age"]) < float(r["interval_high"])
+               for r in rows)
+    assert "Prediction interval" in (report / "report.html").read_text()
+
     # Another split seed holds out other participants (and is another model).
     assert main(["train", str(cache), "--out", str(tmp_path / "m1"), *TRAIN, "--split-seed",
                  "1", "--config", config]) == 0

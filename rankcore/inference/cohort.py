@@ -38,6 +38,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rankcore.conformal import load_interval
 from rankcore.errors import InputError
 from rankcore.inference.bias_store import load_bias
 from rankcore.inference.model import check_preprocess, describe_config, predict_cascade
@@ -268,7 +269,8 @@ def predict_cohort(model_dir: str | Path, cohort: str | Path, out_file: str | Pa
         [col["participant_id"][i] for i in rows], [col["session"][i] for i in rows],
         [col["site"][i] for i in rows], ages, stage1, final, correction=correction,
         method=bias_method, extra={"sex": [col["sex"][i] for i in rows],
-                                   "source_path": [sources[i] for i in rows]})
+                                   "source_path": [sources[i] for i in rows]},
+        interval=load_interval(card))
     write_table(_with_set_aside(out, q_rows), out_file)
     warnings = []
     if bias_correct and bias_method == "beheshti" and not np.isfinite(ages).all():

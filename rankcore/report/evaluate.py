@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from rankcore.bias import BiasCorrection, fit_bias_correction
+from rankcore.conformal import interval_coverage, load_interval
 from rankcore.errors import InputError
 from rankcore.inference.bias_store import BIAS_FILE, load_bias, save_bias
 from rankcore.inference.model import describe_config, model_preprocess, predict_cascade
@@ -282,6 +283,10 @@ def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | 
     metrics = build_metrics(final, stage1, ages, sites, correction=correction, n_boot=n_boot,
                             seed=seed, level=level)
     metrics["bias_corrected"]["source"] = bias_source
+    interval = load_interval(card)
+    metrics["interval"] = None if interval is None else {
+        "level": interval.level, "n_calibration": interval.n_calibration,
+        "exact": interval.exact, **interval_coverage(*interval.bounds(final), ages)}
     sources = table.column("source_path").to_pylist()
     pids = table.column("participant_id").to_pylist()
     metrics["floor"] = simulated_floor([sources[i] for i in rows], [pids[i] for i in rows])
@@ -301,7 +306,7 @@ def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | 
         sessions = table.column("session").to_pylist()
         pred_table = predictions_table(
             [pids[i] for i in rows], [sessions[i] for i in rows], sites, ages, stage1, final,
-            correction=correction, cole=True)
+            correction=correction, cole=True, interval=interval)
         write_table(pred_table, tmp / "predictions.csv")
         if correction is not None:
             save_bias(tmp / BIAS_FILE, correction, card, source=bias_source,

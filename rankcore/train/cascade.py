@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rankcore.conformal import INTERVAL_LEVEL, fit_conformal
 from rankcore.errors import CheckpointError, TrainingError
 from rankcore.models.cascade import Cascade
 from rankcore.train.card_info import INTENDED_USE, move_records, population, records_dir
@@ -138,6 +139,16 @@ def _population(plan: CascadePlan) -> dict[str, Any]:
                       [col["sex"][i] for i in used], [col["site"][i] for i in used])
 
 
+def _interval(val_pred: np.ndarray, val_ages: np.ndarray, train_pred: np.ndarray,
+              train_ages: np.ndarray) -> dict[str, Any] | None:
+    """The split-conformal interval of the cascade's estimates, calibrated on validation
+    (its scale's slope fitted on the training residuals); None without 2 validation ages."""
+    if np.isfinite(val_ages).sum() < 2:
+        return None
+    return fit_conformal(val_pred, val_ages, scale_pred=train_pred, scale_ages=train_ages,
+                         level=INTERVAL_LEVEL).to_dict()
+
+
 def _build_card(plan: CascadePlan, staging: Path) -> dict[str, Any]:
     stages = {job: stage_summary(stage_dir(plan, job)) for job in plan.jobs}
     train_keys, val_keys = plan.split["train"], plan.split["val"]
@@ -181,6 +192,7 @@ def _build_card(plan: CascadePlan, staging: Path) -> dict[str, Any]:
             "val_stage1": _metrics(s1_val, val_ages),
             "val_cascade": _metrics(cascade_val, val_ages),
         },
+        "interval": _interval(cascade_val, val_ages, s1_train, train_ages),
         "versions": library_versions(),
         "rank_convention": rank_convention(config),
         "files": {"stage1": "stage1/model.safetensors", "stage2": "stage2/model.safetensors",
