@@ -253,11 +253,44 @@ _ADDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
 }
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("brainrank")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _set_verbosity(verbose: bool, quiet: bool) -> None:
+    """-v: per-subject DEBUG lines reach the console; -q: warnings only, no progress bars."""
+    import logging
+
+    if not (verbose or quiet):
+        return
+    from rankcore.progress import set_quiet
+    from tasks import _logs
+
+    if quiet:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+        set_quiet(True)
+        _logs.set_level(logging.WARNING)
+    else:
+        _logs.set_level(logging.DEBUG)
+    logging.getLogger("rankcore").setLevel(logging.WARNING if quiet else logging.DEBUG)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="brainrank",
         description="Brain-age estimation from T1 MRI with ranking losses. "
                     "Each command runs a Prefect flow.")
+    parser.add_argument("--version", action="version", version=f"brainrank {_version()}")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="also log one line per subject (ingest, predict)")
+    loud.add_argument("-q", "--quiet", action="store_true",
+                      help="warnings and errors only; no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -283,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     module_name, model_name, _ = COMMANDS[args.command]
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("command", "config", "verbose", "quiet")}
     if "shape" in given:
         given["shape"] = tuple(given["shape"])
     try:
@@ -292,6 +326,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = getattr(params, model_name)
         run_params = _config.build_params(model, given, getattr(args, "config", None))
         _prepare_environment()
+        _set_verbosity(args.verbose, args.quiet)
         module = importlib.import_module(module_name)
         return int(module.run_cli(run_params))
     except BrainrankError as exc:

@@ -18,6 +18,7 @@ from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from rankcore.errors import BrainrankError
+from rankcore.progress import progress_bar
 from rankcore.train.cascade import finish_cascade, run_job
 from rankcore.train.cascade_plan import CascadePlan, plan_cascade
 from tasks._logs import forward_logs as _forward_logs
@@ -87,14 +88,16 @@ def train_job_task(plan: CascadePlan, job: str, progress_artifact: UUID | None =
     if plan.engine == "ray":
         _ensure_ray(ray_address, plan.workers)
 
-    def progress(event: dict[str, Any]) -> None:
-        if progress_artifact is not None:
-            update_progress_artifact(
-                progress_artifact, round(100.0 * event["fraction"], 1),
-                description=f"{event['job']}: epoch {event['epoch']}/{event['epochs']}")
+    with progress_bar(f"train {job}", plan.epochs(job), unit="epoch") as bar:
+        def progress(event: dict[str, Any]) -> None:
+            bar(min(int(event["epoch"]), int(event["epochs"])))
+            if progress_artifact is not None:
+                update_progress_artifact(
+                    progress_artifact, round(100.0 * event["fraction"], 1),
+                    description=f"{event['job']}: epoch {event['epoch']}/{event['epochs']}")
 
-    with forward_logs(logger):
-        return run_job(plan, job, progress)
+        with forward_logs(logger):
+            return run_job(plan, job, progress)
 
 
 @task(name="finish-training", retries=0, cache_policy=NO_CACHE)

@@ -47,6 +47,7 @@ from rankcore.report.floor import simulated_floor
 from rankcore.report.metrics_table import build_metrics
 from rankcore.report.plots import plot_gap_vs_age, plot_pred_vs_age, plot_site_boxes
 from rankcore.report.predictions import predictions_table, write_table
+from rankcore.report.qc import QC_FILE, QCSubject, render_qc
 from rankcore.report.render import Figure, render_html, render_markdown, report_blocks
 from rankcore.train.card_info import read_split_record
 
@@ -168,6 +169,24 @@ def _validation_correction(cascade: Any, card: dict[str, Any], model_dir: Path,
         return None, "the training data (validation subjects) is not available and no " \
                      "correction is stored in MODEL_DIR", val_keys
     return correction, f"stored in {model_dir / BIAS_FILE}", val_keys
+
+
+def _write_qc(tmp: Path, view: Any, rows: np.ndarray, ages: np.ndarray, final: np.ndarray,
+              pred_table: Any, model_dir: Path, split: str) -> None:
+    """qc.html: a montage per evaluated subject and the cache's quarantine table."""
+    import pyarrow.parquet as pq
+
+    cols = pred_table.column_names
+    bounds = [np.asarray(pred_table.column(c).to_numpy(zero_copy_only=False), np.float64)
+              if c in cols else np.full(len(rows), np.nan) for c in ("interval_low",
+                                                                     "interval_high")]
+    keys = [view.keys[i] for i in rows]
+    subjects = [QCSubject(k, float(a), float(p), float(lo), float(hi))
+                for k, a, p, lo, hi in zip(keys, ages, final, *bounds)]
+    qpath = view.layout.quarantine_path
+    quarantine = pq.read_table(qpath).to_pylist() if qpath.exists() else []
+    render_qc(subjects, lambda i: view.read_volume(int(rows[i])), quarantine, tmp / QC_FILE,
+              title=f"QC of {model_dir.name} on split {split}")
 
 
 def _split_rows(view: Any, card: dict[str, Any], split: str, cache_dir: str) -> np.ndarray:
@@ -324,6 +343,7 @@ def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | 
         plot_pred_vs_age(ages, final, tmp / figures[0].file, stage1=stage1)
         plot_gap_vs_age(ages, gap, tmp / figures[1].file, corrected_gap=corrected_gap)
         plot_site_boxes(sites, gap, tmp / figures[2].file)
+        _write_qc(tmp, view, rows, ages, final, pred_table, model_dir, split)
         if copy_curves(model_dir, card, tmp):
             figures.append(Figure(CURVES_FILE, "Training curves (copied from the model "
                                                "folder)"))
@@ -331,7 +351,9 @@ def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | 
                  f"{str(card.get('training_key'))[:12]})",
                  f"cache: {Path(cache_dir).resolve()} ({describe_config(config)})",
                  f"split: {split} ({len(rows)} subjects, {metrics['n']} with an age)",
-                 f"bias correction: {bias_source}", *warnings]
+                 f"bias correction: {bias_source}",
+                 f"QC page: {QC_FILE} next to this report (mid-slice montages, largest gaps "
+                 "first; subjects set aside at ingest)", *warnings]
         title = f"Brain-age evaluation of {model_dir.name} on split {split}"
         blocks = report_blocks(metrics, figures, title=title, facts=facts)
         (tmp / "report.md").write_text(render_markdown(blocks), encoding="utf-8")

@@ -1,0 +1,88 @@
+"""`brainrank --version`, `-v` / `-q`, and progress bars that draw only on a terminal.
+
+The verbosity checks run the console script as a process (each with its own temporary
+Prefect server), since they are about what reaches the console.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import pytest
+from _tiny_cohort import write_manifest
+
+EXE = str(Path(sys.executable).with_name("brainrank"))
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), PREFECT_LOGGING_LEVEL="INFO")
+    return subprocess.run([EXE, *args], capture_output=True, text=True, timeout=300,
+                          env=env, cwd=cwd)
+
+
+def test_version(tmp_path):
+    from importlib.metadata import version
+
+    out = _run("--version", cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == f"brainrank {version('brainrank')}"
+
+
+@pytest.mark.slow
+def test_per_subject_lines_only_with_v_and_quiet_with_q(tmp_path):
+    manifest = write_manifest(tmp_path / "cohort", 4)
+    grid = ["--spacing", "4", "--shape", "12", "14", "10"]
+    plain = _run("ingest", str(manifest), "--cache", str(tmp_path / "c1"), *grid, cwd=tmp_path)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    logs = plain.stdout + plain.stderr
+    assert "ingest summary" in logs and "ingested sub-00" not in logs
+    assert "\r" not in plain.stderr  # no progress bar off a terminal
+
+    verbose = _run("-v", "ingest", str(manifest), "--cache", str(tmp_path / "c2"), *grid,
+                   cwd=tmp_path)
+    assert verbose.returncode == 0, verbose.stderr[-2000:]
+    logs = verbose.stdout + verbose.stderr
+    assert all(f"ingested sub-0{i}" in logs for i in range(4))
+
+    quiet = _run("-q", "ingest", str(manifest), "--cache", str(tmp_path / "c2"), *grid,
+                 cwd=tmp_path)
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "reused 4" in quiet.stdout  # the command's own summary still prints
+    assert "INFO" not in quiet.stdout + quiet.stderr
+    assert "ingest summary" not in quiet.stdout + quiet.stderr
+
+
+def _bar_output(quiet: bool) -> str:
+    code = ("from rankcore.progress import progress_bar, set_quiet\n"
+            f"set_quiet({quiet})\n"
+            "with progress_bar('ingest', 3) as bar:\n"
+            "    for i in range(1, 4):\n"
+            "        bar(i)\n")
+    master, slave = os.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # 100 columns
+    proc = subprocess.Popen([sys.executable, "-c", code], stderr=slave, stdout=slave,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            data = os.read(master, 4096)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    proc.wait(timeout=60)
+    os.close(master)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_progress_bar_draws_on_a_terminal_unless_quiet():
+    assert "ingest:" in _bar_output(False) and "/3 [" in _bar_output(False)
+    assert "ingest:" not in _bar_output(True)
