@@ -1,13 +1,14 @@
 """Cascade accuracy on simulated cohorts: loss ablation, stage 1 vs cascade, OOF vs in-sample.
 
 For every cohort seed S (also the training seed) a cohort of ``train + test`` subjects is
-simulated at 2 mm (:func:`rankcore.mri.simulate.simulate_cohort`), ``test`` of them are marked
-``split=test`` (a seeded permutation) and the rest ``train``; the cohort is ingested into a
-Parquet cache (:func:`rankcore.cache.ingest_cohort`). :func:`rankcore.train.train_cascade`
-then carves the validation subjects out of the training pool (``val_fraction`` 0.1) and
-:func:`rankcore.report.evaluate.evaluate_model` scores the held-out test split, stage 1 alone
-and the cascade side by side, against the simulator's irreducible floor (mean |brain age − age|
-over the same test subjects).
+simulated at 2 mm (:func:`rankcore.mri.simulate.simulate_cohort`; with per-subject anatomy
+unless ``--no-anatomy``, a switch that is part of the cohort, cache and run names), ``test``
+of them are marked ``split=test`` (a seeded permutation) and the rest ``train``; the cohort is
+ingested into a Parquet cache (:func:`rankcore.cache.ingest_cohort`).
+:func:`rankcore.train.train_cascade` then carves the validation subjects out of the training
+pool (``val_fraction`` 0.1) and :func:`rankcore.report.evaluate.evaluate_model` scores the
+held-out test split, stage 1 alone and the cascade side by side, against the simulator's
+irreducible floor (mean |brain age − age| over the same test subjects).
 
 Configurations (``--configs``; every one changes :func:`rankcore.train.default_config`):
 
@@ -23,6 +24,11 @@ configuration with a rank term runs once per share s (named ``NAME@share<s>``) w
 ``rank_share=s`` (w_rank calibrated on the initial predictions of each stage; the resolved
 weight is in the card); configurations without a rank term run once.
 
+Robustness (``--loso SITE[,SITE...]``): the default configuration (soft) trained on the other
+sites and tested on every subject of SITE (an unseen scanner), one row per held-out site. Its
+cache is a hard-linked copy of the seed's cache relabelled by a second, incremental ingest
+(no image is preprocessed again).
+
 ``--set key=value`` changes every configuration further (e.g. ``--set diff_weight=0.1``); the
 runs are named by a digest of their config, so changed settings get their own model folders.
 Everything lives under ``--work`` (default /tmp/bench_accuracy) and is reused across
@@ -32,6 +38,8 @@ Usage::
 
     .venv/bin/python benchmarks/bench_accuracy.py --seeds 0 --configs soft
     .venv/bin/python benchmarks/bench_accuracy.py --seeds 0,1,2 --jobs 2
+    .venv/bin/python benchmarks/bench_accuracy.py --seeds 0 --configs soft --loso site3
+    .venv/bin/python benchmarks/bench_accuracy.py --seeds 0 --configs soft --no-anatomy
 
 Prints one Markdown table: per configuration, stage 1 and cascade rows with MAE, SRCC, Pearson r
 and MAE/floor as mean ± sd over the seeds, and the wall time per run (train + evaluate).
@@ -45,6 +53,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -71,15 +80,30 @@ LABELS = {
     "reference": "(f) reference MSE + 10(S + Ld), sorter",
 }
 log = logging.getLogger("bench_accuracy")
+_LOSO = "loso-"  # run name prefix of a held-out site: "loso-site3"
+
+
+def _world(anatomy: bool) -> str:
+    """Name part of the simulated world (simulator version and anatomy switch)."""
+    from rankcore.mri.simulate import SIMULATOR_VERSION
+
+    return f"v{SIMULATOR_VERSION}-{'anat' if anatomy else 'flat'}"
 
 
 def _base(name: str) -> tuple[str, dict[str, Any]]:
-    """(configuration, its TrainConfig changes) of a run name ``NAME`` or ``NAME@share<s>``."""
+    """(configuration, its TrainConfig changes) of a run name ``NAME`` or ``NAME@share<s>``.
+
+    A held-out-site run ``loso-SITE`` trains the default configuration (soft).
+    """
+    if name.startswith(_LOSO):
+        return "soft", dict(CONFIGS["soft"])
     base, _, share = name.partition("@share")
     return base, {**CONFIGS[base], **({"rank_share": float(share)} if share else {})}
 
 
 def _label(name: str) -> str:
+    if name.startswith(_LOSO):
+        return f"(g) default, unseen {name[len(_LOSO):]} (trained on the other sites)"
     base, _, share = name.partition("@share")
     return LABELS[base] + (f", Spearman share {share}" if share else "")
 
@@ -91,44 +115,62 @@ def _value(text: str) -> Any:
         return text
 
 
-def prepare(work: Path, seed: int, n_train: int, n_test: int) -> Path:
-    """Simulate, split and ingest the cohort of ``seed``; return the cache root."""
+def prepare(work: Path, seed: int, n_train: int, n_test: int, anatomy: bool = True,
+            loso: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Simulate, split and ingest the cohort of ``seed``; return the cache root of each run.
+
+    Keys: "" (the random train/test split) and ``"loso-SITE"`` for each held-out site.
+    """
     from rankcore.cache import ingest_cohort
     from rankcore.mri import PreprocessConfig, read_cohort
     from rankcore.mri.simulate import simulate_cohort
 
-    cohort_dir = work / f"cohort-s{seed}-n{n_train + n_test}"
-    simulate_cohort(cohort_dir, n_train + n_test, seed, spacing=2.0)
+    world = _world(anatomy)
+    cohort_dir = work / f"cohort-s{seed}-n{n_train + n_test}-{world}"
+    simulate_cohort(cohort_dir, n_train + n_test, seed, spacing=2.0, anatomy=anatomy)
     cohort = read_cohort(cohort_dir)
     keys = sorted(r.key for r in cohort.rows)
     order = np.random.default_rng(seed).permutation(len(keys))
     test = {keys[i] for i in order[:n_test]}
     rows = tuple(dataclasses.replace(r, split="test" if r.key in test else "train")
                  for r in cohort.rows)
-    cache_dir = work / f"cache-s{seed}-{n_train}+{n_test}"
+    cache_dir = work / f"cache-s{seed}-{n_train}+{n_test}-{world}"
     ingest_cohort(dataclasses.replace(cohort, rows=rows), cache_dir, PreprocessConfig(),
                   workers=1)
-    return cache_dir
+    caches = {"": cache_dir}
+    sites = sorted({r.site for r in cohort.rows if r.site})
+    for site in loso:
+        if site not in sites:
+            raise SystemExit(f"--loso: site {site!r} is not in the cohort ({', '.join(sites)})")
+        held_out = cache_dir.with_name(f"{cache_dir.name}-{_LOSO}{site}")
+        if not held_out.exists():  # hard links: the cache replaces files, never edits them
+            shutil.copytree(cache_dir, held_out, copy_function=os.link)
+        rows = tuple(dataclasses.replace(r, split="test" if r.site == site else "train")
+                     for r in cohort.rows)
+        ingest_cohort(dataclasses.replace(cohort, rows=rows), held_out, PreprocessConfig(),
+                      workers=1)
+        caches[f"{_LOSO}{site}"] = held_out
+    return caches
 
 
 def _run_paths(work: str | Path, seed: int, name: str, changes: dict[str, Any],
-               k_folds: int) -> tuple[dict[str, Any], Path, Path]:
+               k_folds: int, anatomy: bool = True) -> tuple[dict[str, Any], Path, Path]:
     """(config, model folder, report folder) of one run; the folders are named by the config."""
     from rankcore.train.cascade_plan import default_config
 
     base, named = _base(name)
     config = {"seed": seed, **named, **changes}
     # The tag covers the resolved config (library defaults included), so a run made before a
-    # default changed is not reused for the new default.
+    # default changed is not reused for the new default; and the simulated world.
     resolved = default_config(**config).to_dict()
-    tag = hashlib.sha256(json.dumps([resolved, k_folds, base == "insample"],
+    tag = hashlib.sha256(json.dumps([resolved, k_folds, base == "insample", _world(anatomy)],
                                     sort_keys=True, default=str).encode()).hexdigest()[:10]
-    model_dir = Path(work) / "models" / f"s{seed}-{name}-{tag}"
+    model_dir = Path(work) / "models" / f"s{seed}-{name}-{_world(anatomy)}-{tag}"
     return config, model_dir, Path(work) / "reports" / model_dir.name
 
 
 def run_one(work: str, cache_dir: str, seed: int, name: str, changes: dict[str, Any],
-            k_folds: int) -> dict[str, Any]:
+            k_folds: int, anatomy: bool = True) -> dict[str, Any]:
     """Train one cascade and evaluate it on the test split (runs in a worker process)."""
     import torch
 
@@ -136,7 +178,7 @@ def run_one(work: str, cache_dir: str, seed: int, name: str, changes: dict[str, 
     from rankcore.report.evaluate import evaluate_model
     from rankcore.train.cascade import train_cascade
 
-    config, model_dir, report_dir = _run_paths(work, seed, name, changes, k_folds)
+    config, model_dir, report_dir = _run_paths(work, seed, name, changes, k_folds, anatomy)
     kw: dict[str, Any] = {"k_folds": k_folds}
     if _base(name)[0] == "insample":
         kw["stage2_source"] = "insample"
@@ -147,7 +189,8 @@ def run_one(work: str, cache_dir: str, seed: int, name: str, changes: dict[str, 
     metrics = json.loads((report_dir / "metrics.json").read_text())
     seconds = time.perf_counter() - t0
     floor = (metrics.get("floor") or {}).get("mae")
-    out = {"seed": seed, "name": name, "config": config, "model_dir": str(model_dir),
+    out = {"seed": seed, "name": name, "anatomy": anatomy, "config": config,
+           "model_dir": str(model_dir),
            "reused": result.reused, "train_s": t_train, "seconds": seconds, "floor": floor,
            "card_seconds": result.card.get("seconds")}
     for stage, block in (("stage1", metrics["stage1"]), ("cascade", metrics)):
@@ -207,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
                          "with a rank term run once per share")
     ap.add_argument("--work", default="/tmp/bench_accuracy")
     ap.add_argument("--json", default=None, help="also write the results to this file")
+    ap.add_argument("--anatomy", action=argparse.BooleanOptionalAction, default=True,
+                    help="simulate per-subject anatomy (a smooth random warp); default on")
+    ap.add_argument("--loso", default="", metavar="SITE[,SITE...]",
+                    help="also train the default config on the other sites and test on each "
+                         "of these (e.g. site3), one row per held-out site")
     ap.add_argument("--collect", action="store_true",
                     help="train nothing: tabulate the finished runs found under --work")
     args = ap.parse_args(argv)
@@ -225,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         names = [n if CONFIGS[n].get("rank_loss") == "none" else f"{n}@share{v:g}"
                  for n in names for v in (swept if CONFIGS[n].get("rank_loss") != "none"
                                           else [None])]
+    loso = tuple(dict.fromkeys(x for x in args.loso.split(",") if x))
+    names += [f"{_LOSO}{site}" for site in loso]
     changes: dict[str, Any] = {}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -239,26 +289,29 @@ def main(argv: list[str] | None = None) -> int:
         found = []
         for seed in seeds:
             for name in names:
-                bench = _run_paths(work, seed, name, changes, args.k_folds)[2] / "bench.json"
+                bench = _run_paths(work, seed, name, changes, args.k_folds,
+                                   args.anatomy)[2] / "bench.json"
                 if bench.is_file():
                     found.append(json.loads(bench.read_text()))
                 else:
                     log.info("seed %d %s: not run yet", seed, name)
         print(f"\n## bench_accuracy (collected): train {args.train} / test {args.test}, "
+              f"anatomy {'on' if args.anatomy else 'off'}, "
               f"changes {json.dumps(changes, sort_keys=True)}, k_folds {args.k_folds}\n")
         print(table(found, names))
         return 0
     caches = {}
     for seed in seeds:
         ts = time.perf_counter()
-        caches[seed] = prepare(work, seed, args.train, args.test)
+        caches[seed] = prepare(work, seed, args.train, args.test, args.anatomy, loso)
         log.info("seed %d: cohort + cache ready in %.0f s", seed, time.perf_counter() - ts)
     tasks = [(seed, name) for name in names for seed in seeds]
     results = []
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=get_context("spawn")) \
             as pool:
-        futures = {pool.submit(run_one, str(work), str(caches[s]), s, n, changes, args.k_folds):
-                   (s, n) for s, n in tasks}
+        futures = {pool.submit(run_one, str(work),
+                               str(caches[s][n if n.startswith(_LOSO) else ""]), s, n, changes,
+                               args.k_folds, args.anatomy): (s, n) for s, n in tasks}
         for fut in as_completed(futures):
             seed, name = futures[fut]
             try:
@@ -272,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                      r["stage1"]["srcc"], r["cascade"]["mae"], r["cascade"]["srcc"],
                      r["floor"] or float("nan"), " (reused)" if r["reused"] else "")
     print(f"\n## bench_accuracy: train {args.train} / test {args.test}, "
+          f"anatomy {'on' if args.anatomy else 'off'}, "
           f"changes {json.dumps(changes, sort_keys=True)}, k_folds {args.k_folds}, "
           f"jobs {args.jobs}, {os.cpu_count()} CPUs\n")
     print(table(results, names))

@@ -23,7 +23,15 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     if not p.is_file():
         raise InputError(f"`--config` must be an existing YAML or JSON file, got {str(p)!r}")
-    text = p.read_text(encoding="utf-8")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"`--config` must be a UTF-8 YAML or JSON file, got {str(p)!r} (byte "
+                         f"0x{exc.object[exc.start]:02x} at offset {exc.start} is not "
+                         "UTF-8)") from None
+    except OSError as exc:
+        raise InputError(f"`--config` must be a readable file, got {str(p)!r} "
+                         f"({exc.strerror})") from None
     try:
         data = json.loads(text) if p.suffix.lower() == ".json" else yaml.safe_load(text)
     except (json.JSONDecodeError, yaml.YAMLError) as exc:
@@ -47,8 +55,10 @@ def format_validation_error(exc: ValidationError) -> str:
     elif first["type"] == "extra_forbidden":
         msg = f"`{loc}` is not a known option"
     else:
-        got = first.get("input")
-        msg = f"`{loc}`: {first['msg'].removeprefix('Value error, ')}, got {got!r}"
+        text = first["msg"].removeprefix("Value error, ")
+        # A message that names its field and what it got (as rankcore's do) stands alone.
+        whole = text.startswith("`") or not first["loc"]  # a model-level check says it all
+        msg = text if whole else f"`{loc}`: {text}, got {first.get('input')!r}"
     if len(errors) > 1:
         msg += f" (and {len(errors) - 1} more problem(s))"
     return msg

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rankcore._sealed import CHECKSUM_KEY, checksum, read_sealed
 from rankcore.errors import InputError
 
 RUN_FILE = "pipeline.json"
@@ -141,14 +142,15 @@ class RunState:
     def __init__(self, layout: RunLayout, params: dict[str, Any]):
         self.layout = layout
         self._before: dict[str, Any] = {}
-        path = layout.state_file
-        if path.is_file():
-            try:
-                old = json.loads(path.read_text())
-            except (OSError, json.JSONDecodeError):
-                old = {}  # unreadable: every stage runs (and checks its own outputs)
-            if isinstance(old, dict) and old.get("format") == RUN_FORMAT:
-                self._before = old.get("stages", {})
+        # A run killed while saving leaves its temporary file; this run holds the folder's
+        # lock, so no other writer owns one.
+        for stray in layout.run_dir.glob(f".{RUN_FILE}.tmp*"):
+            stray.unlink(missing_ok=True)
+        #: Why the last run's record was not used (a corrupt pipeline.json), or None.
+        self.problem = run_state_problem(layout.run_dir)
+        old = read_run_state(layout.run_dir) or {}
+        if old.get("format") == RUN_FORMAT:
+            self._before = old.get("stages", {})
         self._this_run: dict[str, Any] = {}
         self.data: dict[str, Any] = {
             "format": RUN_FORMAT, "run_dir": str(layout.run_dir), "status": "running",
@@ -208,12 +210,31 @@ class RunState:
         self.data["stages"] = stages
         self.data["paths"] = {k: v for rec in stages.values()
                               for k, v in rec.get("outputs", {}).items() if isinstance(v, str)}
+        self.data.pop(CHECKSUM_KEY, None)
+        self.data[CHECKSUM_KEY] = checksum(self.data)
         _write_json(self.layout.state_file, self.data)
 
 
 def read_run_state(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The content of RUN_DIR/pipeline.json, or None when there is none (or unreadable)."""
+    """The content of RUN_DIR/pipeline.json, or None when there is none (or it is unreadable
+    or corrupt: :func:`run_state_problem` says why)."""
     try:
-        return json.loads((Path(run_dir) / RUN_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_sealed(Path(run_dir) / RUN_FILE, RUN_FILE)
+    except (OSError, InputError):
         return None
+
+
+def run_state_problem(run_dir: str | os.PathLike) -> str | None:
+    """Why RUN_DIR/pipeline.json cannot be used (one line), or None (fine, or no file yet).
+
+    A corrupt record costs no results: every stage is then checked against its own outputs
+    (the cache's checksums, the model card), and reused where they still match.
+    """
+    path = Path(run_dir) / RUN_FILE
+    try:
+        read_sealed(path, f"{str(path)!r}")
+    except FileNotFoundError:
+        return None
+    except (OSError, InputError) as exc:
+        return f"{exc}; its record is ignored and every stage is checked again"
+    return None

@@ -7,6 +7,7 @@ module, and with it Prefect, only when it runs. Every option can also come from 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -51,6 +52,10 @@ def _add_simulate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corrupt", type=int, default=S,
                    help="add this many deliberately broken files (0)")
     p.add_argument("--workers", type=int, default=S, help="processes (1)")
+    p.add_argument("--no-anatomy", dest="anatomy", action="store_false", default=S,
+                   help="no per-subject anatomical warp: every brain is the template's")
+    p.add_argument("--warp-sd-mm", type=float, default=S,
+                   help="RMS displacement of the anatomical warp, mm (2.5)")
 
 
 def _add_ingest(p: argparse.ArgumentParser) -> None:
@@ -123,6 +128,9 @@ def _add_train(p: argparse.ArgumentParser) -> None:
                    help="pick the cache of this voxel size (mm) when it holds several")
     p.add_argument("--shape", type=int, nargs=3, default=S, metavar=("X", "Y", "Z"),
                    help="pick the cache of this grid when it holds several")
+    p.add_argument("--allow-incomplete-cache", action="store_true", default=S,
+                   help="use a cache whose ingest was interrupted (refused by default; "
+                        "results then cover only the subjects cached so far)")
 
 
 def _add_evaluate(p: argparse.ArgumentParser) -> None:
@@ -139,6 +147,9 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", action="store_true", default=S, help="predict on CUDA")
     p.add_argument("--no-store-bias", dest="store_bias", action="store_false", default=S,
                    help="do not store the fitted bias correction in MODEL_DIR/bias.json")
+    p.add_argument("--allow-incomplete-cache", action="store_true", default=S,
+                   help="use a cache whose ingest was interrupted (refused by default; "
+                        "results then cover only the subjects cached so far)")
 
 
 def _add_predict(p: argparse.ArgumentParser) -> None:
@@ -239,6 +250,12 @@ def _add_serve(p: argparse.ArgumentParser) -> None:
     p.add_argument("--limit", type=int, default=S, help="flow runs at a time")
 
 
+#: command -> the parameter naming what it writes (locked for the run: one writer at a time).
+OUTPUT_FIELDS: dict[str, str] = {
+    "simulate": "out_dir", "pretrain-sorter": "out", "train": "out", "evaluate": "out",
+    "predict": "out", "pipeline": "out",
+}
+
 _ADDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "simulate": _add_simulate,
     "ingest": _add_ingest,
@@ -328,7 +345,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         _prepare_environment()
         _set_verbosity(args.verbose, args.quiet)
         module = importlib.import_module(module_name)
-        return int(module.run_cli(run_params))
+        from rankcore._lock import run_lock
+        from tasks._logs import quiet_own_errors
+
+        quiet_own_errors()
+        with contextlib.ExitStack() as stack:
+            field = OUTPUT_FIELDS.get(args.command)
+            if field is not None:
+                stack.enter_context(run_lock(getattr(run_params, field), field))
+            return int(module.run_cli(run_params))
     except BrainrankError as exc:
         print(f"brainrank {args.command}: error: {exc}", file=sys.stderr)
         return 2

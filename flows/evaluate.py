@@ -15,6 +15,7 @@ import sys
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from flows._server import temporary_server
 from flows.params import EvaluateParams
 from rankcore.errors import BrainrankError
 from rankcore.report.render import metrics_rows
@@ -36,7 +37,7 @@ def evaluate_flow(params: EvaluateParams) -> dict:
     logger = get_run_logger()
     result = evaluate_task(params.model_dir, params.cache, params.out, params.split,
                            params.n_boot, params.seed, params.level, params.batch_size,
-                           _device(params), params.store_bias)
+                           _device(params), params.store_bias, params.allow_incomplete_cache)
     m = result["metrics"]
     logger.info("evaluated %d subject(s) of split %r: SRCC %s, MAE %s y; report in %s",
                 m["n"], params.split, m.get("srcc"), m.get("mae"), result["out_dir"])
@@ -66,8 +67,10 @@ def run_cli(params: EvaluateParams) -> int:
     try:
         # Unusable input fails here, in one line, before a flow run (and its logs) starts.
         check_evaluation(params.model_dir, params.cache, params.out, split=params.split,
-                         device=_device(params))
-        result = evaluate_flow(params)
+                         device=_device(params),
+                         allow_incomplete_cache=params.allow_incomplete_cache)
+        with temporary_server():
+            result = evaluate_flow(params)
     except BrainrankError as exc:
         print(f"brainrank evaluate: error: {exc}", file=sys.stderr)
         return 2

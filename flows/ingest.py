@@ -18,6 +18,7 @@ from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
 
+from flows._server import temporary_server
 from flows.params import IngestParams
 from rankcore.cache import CacheLayout, IngestPlan, cache_lock, commit_batch
 from rankcore.mri import PreprocessConfig
@@ -86,7 +87,8 @@ def ingest_flow(params: IngestParams) -> dict:
 
 def run_cli(params: IngestParams) -> int:
     """Run the flow, print the summary; 0 when failed fraction <= max_failed_fraction, else 3."""
-    summary = ingest_flow(params)
+    with temporary_server():
+        summary = ingest_flow(params)
     cats = ", ".join(f"{k} {v}" for k, v in summary["quarantined"].items() if v) or "none"
     print(f"ingested {summary['ingested']}, reused {summary['reused']}, quarantined "
           f"{summary['n_quarantined']} of {summary['total']}")

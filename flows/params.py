@@ -11,11 +11,11 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationError,
-    create_model,
     field_validator,
     model_validator,
 )
+
+from rankcore.mri.grid import check_shape
 
 
 class _Params(BaseModel):
@@ -23,7 +23,11 @@ class _Params(BaseModel):
 
 
 class SimulateParams(_Params):
-    """`brainrank simulate`: write a simulated BIDS-style cohort."""
+    """`brainrank simulate`: write a simulated BIDS-style cohort.
+
+    ``anatomy``: deform each subject's anatomy by its own smooth random warp of RMS
+    ``warp_sd_mm`` mm (rankcore.mri.anatomy); off, every brain is the template's anatomy.
+    """
 
     out_dir: str
     subjects: int = Field(200, ge=2, le=100_000)
@@ -32,6 +36,8 @@ class SimulateParams(_Params):
     sites: int = Field(3, ge=1, le=64)
     corrupt: int = Field(0, ge=0)
     workers: int = Field(1, ge=1, le=256)
+    anatomy: bool = True
+    warp_sd_mm: float = Field(2.5, ge=0, le=4)
 
 
 class IngestParams(_Params):
@@ -57,10 +63,8 @@ class IngestParams(_Params):
 
     @field_validator("shape")
     @classmethod
-    def _positive_shape(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
-        if any(s <= 0 for s in v):
-            raise ValueError(f"must be three positive integers, got {v}")
-        return v
+    def _grid_fits(cls, v: tuple[int, int, int], info) -> tuple[int, int, int]:
+        return check_shape(v, info.data.get("spacing"))
 
 
 class PretrainSorterParams(_Params):
@@ -131,6 +135,7 @@ class TrainParams(_Params):
     shape: tuple[int, int, int] | None = None
     options: dict = Field(default_factory=dict)
     stage2_options: dict = Field(default_factory=dict)
+    allow_incomplete_cache: bool = False
 
     @field_validator("sorter")
     @classmethod
@@ -146,9 +151,7 @@ class TrainParams(_Params):
     @field_validator("shape")
     @classmethod
     def _positive_train_shape(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
-        if v is not None and any(s <= 0 for s in v):
-            raise ValueError(f"must be three positive integers, got {v}")
-        return v
+        return check_shape(v)
 
     @field_validator("options")
     @classmethod
@@ -158,6 +161,26 @@ class TrainParams(_Params):
             raise ValueError(f"must not repeat top-level options ({', '.join(dup)}): set them "
                              "directly")
         return v
+
+    @model_validator(mode="after")
+    def _options_build_configs(self) -> TrainParams:
+        # Unknown or bad TrainConfig keys fail when the parameters are read, not when (in a
+        # pipeline, after ingest) the training stage starts.
+        from rankcore.train.cascade_plan import default_config
+        from rankcore.train.config import TrainConfig
+
+        for name, extra in (("options", {}), ("stage2_options", self.stage2_options)):
+            try:
+                base = default_config(**self.options, epochs=self.epochs,
+                                      batch_size=self.batch_size, seed=self.seed,
+                                      rank_loss=self.rank_loss or (
+                                          "sorter" if self.sorter else "soft"),
+                                      sorter=self.sorter)
+                TrainConfig.from_dict({**base.to_dict(), **extra})
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"`{name}` must hold TrainConfig keys and values: "
+                                 f"{exc}") from None
+        return self
 
 
 class EvaluateParams(_Params):
@@ -178,6 +201,7 @@ class EvaluateParams(_Params):
     batch_size: int | None = Field(None, ge=1)
     gpu: bool = False
     store_bias: bool = True
+    allow_incomplete_cache: bool = False
 
 
 class CardParams(_Params):
@@ -219,190 +243,19 @@ class PredictParams(_Params):
     @classmethod
     def _positive_predict_shape(cls, v: tuple[int, int, int] | None
                                 ) -> tuple[int, int, int] | None:
-        if v is not None and any(s <= 0 for s in v):
-            raise ValueError(f"must be three positive integers, got {v}")
-        return v
+        return check_shape(v)
 
 
-# ------------------------------------------------------------------------------- pipeline
-# The pipeline's sections are the stage models minus what the pipeline decides itself (paths
-# inside RUN_DIR, the preprocessing grid, the ranking loss, the Ray address): derived from the
-# stage models, so that a new stage option is a pipeline option too, with the same default.
-
-
-def _section(model: type[BaseModel], name: str, drop: tuple[str, ...], doc: str
-             ) -> type[_Params]:
-    """A parameters model with ``model``'s fields (types, defaults, bounds) minus ``drop``."""
-    fields = {n: (f.annotation, f) for n, f in model.model_fields.items() if n not in drop}
-    return create_model(name, __base__=_Params, __doc__=doc, __module__=__name__, **fields)
-
-
-#: Fields of each stage model that the pipeline sets itself (not options of its sections).
-PIPELINE_DERIVED: dict[str, tuple[str, ...]] = {
-    "simulate": ("out_dir",),
-    "ingest": ("cohort", "cache", "spacing", "shape", "max_failed_fraction",
-               "allow_outside_root", "require_age", "ray_address"),
-    "pretrain": ("out", "ray_address"),
-    "train": ("cache", "out", "rank_loss", "sorter", "ray_address", "spacing", "shape"),
-    "evaluate": ("model_dir", "cache", "out"),
-}
-
-PipelineSimulate = _section(
-    SimulateParams, "PipelineSimulate", PIPELINE_DERIVED["simulate"],
-    "Section `simulate` of the pipeline: the simulated cohort used when no `cohort` is given.")
-PipelineIngest = _section(
-    IngestParams, "PipelineIngest", PIPELINE_DERIVED["ingest"],
-    "Section `ingest`: how subjects are preprocessed (the grid is the top-level `spacing` "
-    "and `shape`).")
-PipelinePretrain = _section(
-    PretrainSorterParams, "PipelinePretrain", PIPELINE_DERIVED["pretrain"],
-    "Section `sorter.pretrain`: the sorter pretrained into RUN_DIR/sorter.safetensors when "
-    "`sorter.source` is 'pretrain'.")
-PipelineTrain = _section(
-    TrainParams, "PipelineTrain", PIPELINE_DERIVED["train"],
-    "Section `train`: the cascade (the ranking loss comes from the `sorter` section).")
-PipelineEvaluate = _section(
-    EvaluateParams, "PipelineEvaluate", PIPELINE_DERIVED["evaluate"],
-    "Section `evaluate`: the report on the held-out split.")
-
-
-class PipelineSorter(_Params):
-    """Section `sorter`: the ranking loss the cascade trains with.
-
-    ``source``: "soft" (training-free soft ranks, no sorter: the default of every command, with
-    the TrainConfig defaults for the surrogate and its weight), "shipped" (the sorter shipped
-    with brainrank named ``name``), "file" (the sorter file ``file``), "pretrain" (pretrain one
-    as ``pretrain`` says into RUN_DIR/sorter.safetensors; on Ray Train when
-    ``pretrain.workers`` > 1 or a Ray address is given) or "none" (no ranking loss).
-    """
-
-    source: Literal["shipped", "file", "pretrain", "soft", "none"] = "soft"
-    name: str = Field("pairwise", min_length=1)
-    file: str | None = None
-    pretrain: PipelinePretrain = Field(default_factory=PipelinePretrain)
-
-    @model_validator(mode="after")
-    def _file_with_source_file(self) -> PipelineSorter:
-        if (self.file is None) == (self.source == "file"):
-            raise ValueError(f"`file` must be given exactly when `source` is 'file' (source "
-                             f"{self.source!r}, file {self.file!r})")
-        return self
-
-
-_SECTIONS = ("simulate", "ingest", "sorter", "train", "evaluate")
-
-
-class PipelineParams(_Params):
-    """`brainrank pipeline`: cohort -> ingest -> sorter -> cascade -> evaluation, in RUN_DIR.
-
-    ``out`` is RUN_DIR. Without ``cohort`` the cohort is simulated (section ``simulate``).
-    ``spacing``, ``shape``, ``allow_outside_root``, ``max_failed_fraction`` are the ingest
-    options (the pipeline stops when more than that fraction is quarantined). When no cohort
-    row is labelled ``test``, about ``test_fraction`` of the unlabelled participants are held
-    out as the test split, drawn by a hash of ``split_seed`` and the participant id (stable as
-    the cohort grows). ``until`` stops after that stage (e.g. "ingest" for a nightly ingest of
-    new subjects into the same RUN_DIR). ``ray_address`` (default:
-    the RAY_ADDRESS variable) is the cluster every Ray engine joins; without one Ray starts
-    locally when a stage needs it. The sections ``simulate``, ``ingest``, ``sorter``,
-    ``train``, ``evaluate`` hold each stage's options (keys as in --config files of the
-    stage commands); ``train.options`` / ``train.stage2_options`` reach TrainConfig.
-    """
-
-    out: str = Field(min_length=1)
-    cohort: str | None = None
-    spacing: float = Field(2.0, gt=0, le=8)
-    shape: tuple[int, int, int] = (80, 96, 80)
-    allow_outside_root: bool = False
-    max_failed_fraction: float = Field(0.5, ge=0, le=1)
-    ray_address: str | None = None
-    test_fraction: float = Field(0.2, gt=0, le=0.5)
-    split_seed: int = Field(0, ge=0)
-    until: Literal["simulate", "ingest", "sorter", "train", "evaluate"] = "evaluate"
-    simulate: PipelineSimulate = Field(default_factory=PipelineSimulate)
-    ingest: PipelineIngest = Field(default_factory=PipelineIngest)
-    sorter: PipelineSorter = Field(default_factory=PipelineSorter)
-    train: PipelineTrain = Field(default_factory=PipelineTrain)
-    evaluate: PipelineEvaluate = Field(default_factory=PipelineEvaluate)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _dashed_section_keys(cls, data: object) -> object:
-        # --config files may spell keys with dashes, as the options are spelled.
-        if not isinstance(data, dict):
-            return data
-        out = dict(data)
-        for name in (*_SECTIONS, "pretrain"):
-            section = out.get(name)
-            if isinstance(section, dict):
-                out[name] = cls._dashed_section_keys(
-                    {str(k).replace("-", "_"): v for k, v in section.items()})
-        return out
-
-    @field_validator("shape")
-    @classmethod
-    def _positive_pipeline_shape(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
-        if any(s <= 0 for s in v):
-            raise ValueError(f"must be three positive integers, got {v}")
-        return v
-
-    @model_validator(mode="after")
-    def _stages_validate(self) -> PipelineParams:
-        # Build every stage's parameters once, so that a bad combination fails when the
-        # configuration is read, not hours later when its stage starts.
-        builds = (("simulate", lambda: self.simulate_params("cohort")),
-                  ("ingest", lambda: self.ingest_params("cohort", "cache")),
-                  ("sorter.pretrain", lambda: self.pretrain_params("sorter.safetensors")),
-                  ("train", lambda: self.train_params("cache", "model", "sorter.safetensors")),
-                  ("evaluate", lambda: self.evaluate_params("model", "cache", "report")))
-        for section, build in builds:
-            try:
-                build()
-            except ValidationError as exc:
-                first = exc.errors()[0]
-                loc = ".".join(str(x) for x in first["loc"])
-                raise ValueError(f"section `{section}`: `{loc}` "
-                                 f"{first['msg'].removeprefix('Value error, ')}") from None
-        return self
-
-    def simulate_params(self, out_dir: str) -> SimulateParams:
-        """Parameters of the simulate stage writing into ``out_dir``."""
-        return SimulateParams(out_dir=out_dir, **self.simulate.model_dump())
-
-    def ingest_params(self, cohort: str, cache: str, *,
-                      allow_outside_root: bool | None = None) -> IngestParams:
-        """Parameters of the ingest stage (``allow_outside_root`` overrides the option)."""
-        return IngestParams(
-            cohort=cohort, cache=cache, spacing=self.spacing, shape=self.shape,
-            max_failed_fraction=self.max_failed_fraction,
-            allow_outside_root=(self.allow_outside_root if allow_outside_root is None
-                                else allow_outside_root),
-            require_age=True, ray_address=self.ray_address, **self.ingest.model_dump())
-
-    def pretrain_params(self, out: str) -> PretrainSorterParams:
-        """Parameters of the sorter pretraining (source 'pretrain') writing ``out``."""
-        return PretrainSorterParams(out=out, ray_address=self.ray_address,
-                                    **self.sorter.pretrain.model_dump())
-
-    def train_params(self, cache: str, out: str, pretrained: str | None = None) -> TrainParams:
-        """Parameters of the cascade training; ``pretrained`` is the pretrained sorter file."""
-        source = self.sorter.source
-        sorter = {"shipped": self.sorter.name, "file": self.sorter.file,
-                  "pretrain": pretrained}.get(source)
-        rank_loss = "sorter" if source in ("shipped", "file", "pretrain") else source
-        return TrainParams(cache=cache, out=out, rank_loss=rank_loss, sorter=sorter,
-                           ray_address=self.ray_address, spacing=self.spacing,
-                           shape=self.shape, test_fraction=self.test_fraction,
-                           split_seed=self.split_seed, **self.train.model_dump())
-
-    def evaluate_params(self, model_dir: str, cache: str, out: str) -> EvaluateParams:
-        """Parameters of the evaluation of ``model_dir`` on ``cache`` into ``out``."""
-        return EvaluateParams(model_dir=model_dir, cache=cache, out=out,
-                              **self.evaluate.model_dump())
-
-
-#: Commands a Ray job can run (`brainrank submit COMMAND`).
-
-
-# Job submission and serving parameters live in their own module; re-exported here so
-# every command's model is found in flows.params.
+# The pipeline's parameters and the job parameters live in their own modules; re-exported
+# here so every command's model is found in flows.params.
 from flows.params_jobs import JobCommand, ServeParams, SubmitParams  # noqa: E402, F401
+from flows.params_pipeline import (  # noqa: E402, F401
+    PIPELINE_DERIVED,
+    PipelineEvaluate,
+    PipelineIngest,
+    PipelineParams,
+    PipelinePretrain,
+    PipelineSimulate,
+    PipelineSorter,
+    PipelineTrain,
+)

@@ -28,13 +28,23 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
-from flows._run_state import STAGES, RunLayout, RunState, digest, read_run_state, sha256_file
+from flows._run_state import (
+    STAGES,
+    RunLayout,
+    RunState,
+    digest,
+    read_run_state,
+    run_state_problem,
+    sha256_file,
+)
+from flows._server import temporary_server
 from flows.evaluate import evaluate_flow
 from flows.ingest import ingest_flow
 from flows.params import PipelineParams
 from flows.pretrain_sorter import pretrain_sorter_flow
 from flows.simulate import simulate_flow
 from flows.train import _plan_args, train_flow
+from rankcore._lock import run_lock
 from rankcore.errors import BrainrankError, InputError
 from tasks.pipeline import cache_digest_task, prepare_cohort_task, training_key_task
 
@@ -301,10 +311,17 @@ def pipeline_flow(params: PipelineParams) -> dict[str, Any]:
         The content of RUN_DIR/pipeline.json (status, stages, paths, headline metrics).
     """
     logger = get_run_logger()
+    with run_lock(params.out):
+        return _pipeline(params, logger)
+
+
+def _pipeline(params: PipelineParams, logger) -> dict[str, Any]:
     t0 = time.perf_counter()
     params = params.model_copy(update={"ray_address": resolve_ray_address(params)})
     layout = RunLayout.create(params.out)
     state = RunState(layout, params.model_dump(mode="json"))
+    if state.problem:
+        logger.warning(state.problem)
     run = _Run(params, layout, state, logger)
     logger.info("pipeline into %s (cohort: %s; Ray: %s)", layout.run_dir,
                 params.cohort or "simulated", params.ray_address or "local when needed")
@@ -334,7 +351,11 @@ def run_cli(params: PipelineParams) -> int:
     """
     try:
         RunLayout.check(params.out)  # an unusable RUN_DIR fails here, before a flow run starts
-        result = pipeline_flow(params)
+        problem = run_state_problem(params.out)
+        if problem:
+            print(f"brainrank pipeline: warning: {problem}", file=sys.stderr)
+        with temporary_server():
+            result = pipeline_flow(params)
     except BrainrankError as exc:
         print(f"brainrank pipeline: error: {exc}", file=sys.stderr)
         state = read_run_state(params.out) or {}

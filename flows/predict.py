@@ -14,6 +14,7 @@ import sys
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows._server import temporary_server
 from flows.params import PredictParams
 from rankcore.errors import BrainrankError
 from tasks.predict import predict_task
@@ -70,7 +71,8 @@ def run_cli(params: PredictParams) -> int:
                          bias_file=params.bias_file, spacing=params.spacing,
                          shape=params.shape, allow_outside_root=params.allow_outside_root,
                          device=_device(params), max_spacing_ratio=params.max_spacing_ratio)
-        s = predict_flow(params)
+        with temporary_server():
+            s = predict_flow(params)
     except BrainrankError as exc:
         print(f"brainrank predict: error: {exc}", file=sys.stderr)
         return 2

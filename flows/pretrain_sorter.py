@@ -14,6 +14,7 @@ from typing import Any
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 
+from flows._server import temporary_server
 from flows.params import PretrainSorterParams
 from rankcore.train.sorter_config import SorterTrainConfig
 from tasks.sorter import pretrain_sorter_task
@@ -72,7 +73,8 @@ def pretrain_sorter_flow(params: PretrainSorterParams) -> dict[str, Any]:
 
 def run_cli(params: PretrainSorterParams) -> int:
     sorter_config(params)  # refuse unusable input before a flow run starts
-    card = pretrain_sorter_flow(params)
+    with temporary_server():
+        card = pretrain_sorter_flow(params)
     main = card.get("validation", {}).get(f"N{params.seq_len}", {})
     print(f"sorter: {params.out} (kind {card['kind']}, {card['steps']} steps; at N={params.seq_len}"
           f": Spearman {main.get('spearman', float('nan')):.4f}, mean |rank error|/N "

@@ -140,6 +140,8 @@ def run_cli(params: ServeParams) -> int:
     """Serve the deployments until interrupted (prefect.serve)."""
     from prefect import serve
 
+    from flows._server import temporary_server
+
     try:
         deployments = build_deployments(params)
     except InputError as exc:
@@ -147,7 +149,8 @@ def run_cli(params: ServeParams) -> int:
         return 2
     print(f"serving {len(deployments)} deployment(s) under {params.root}: "
           + ", ".join(f"{d.flow_name}/{d.name}" for d in deployments))
-    serve(*deployments, limit=params.limit)
+    with temporary_server():
+        serve(*deployments, limit=params.limit)
     return 0
 
 

@@ -26,10 +26,13 @@ from prefect.artifacts import (
 from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 
+from flows._server import temporary_server
 from flows.params import TrainParams
+from rankcore._lock import run_lock
 from rankcore.errors import BrainrankError
 from rankcore.train.cascade_plan import CARD_FILE, default_config
 from tasks.train import (
+    cache_complete_task,
     finish_training_task,
     forward_logs,
     plan_training_task,
@@ -119,6 +122,15 @@ def train_flow(params: TrainParams) -> dict:
     seconds per job), seconds.
     """
     logger = get_run_logger()
+    with run_lock(params.out):
+        return _train(params, logger)
+
+
+def _train(params: TrainParams, logger) -> dict:
+    warning = cache_complete_task(params.cache, preprocess_config(params),
+                                  params.allow_incomplete_cache)
+    if warning:
+        logger.warning(warning)
     plan = plan_training_task(**_plan_args(params))
     if plan.reuse:
         logger.info("reusing %s: its card matches this config and data (digest %s); nothing "
@@ -145,13 +157,19 @@ def train_flow(params: TrainParams) -> dict:
 
 def run_cli(params: TrainParams) -> int:
     """Check the inputs, run the flow, print the summary; 2 with one line on unusable input."""
+    from rankcore.cache import check_complete
     from rankcore.train.cascade_plan import plan_cascade
 
     args = _plan_args(params)
     try:
         # Unusable input fails here, in one line, before a flow run (and its logs) starts.
+        warning = check_complete(params.cache, args["preprocess"],
+                                 allow_incomplete=params.allow_incomplete_cache)
+        if warning:
+            print(f"brainrank train: warning: {warning}", file=sys.stderr)
         plan_cascade(args.pop("cache"), args.pop("out"), args.pop("config"), **args)
-        summary = train_flow(params)
+        with temporary_server():
+            summary = train_flow(params)
     except BrainrankError as exc:
         print(f"brainrank train: error: {exc}", file=sys.stderr)
         return 2

@@ -39,3 +39,25 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[Path], None], *,
             os.unlink(tmp)
         raise
     return path
+
+
+def remove_leftovers(target: str | os.PathLike[str]) -> None:
+    """Remove what a writer of ``target`` killed mid-way left next to it.
+
+    Temporary siblings ``.NAME.tmp-*`` are deleted; a replaced ``.NAME.old-*`` is restored
+    when ``target`` itself is missing (the kill fell between the two renames of a swap) and
+    deleted otherwise. Call it only while holding ``target``'s lock (rankcore._lock).
+    """
+    import shutil
+
+    target = Path(target)
+    for old in target.parent.glob(f".{target.name}.old-*"):
+        if not target.exists():
+            os.replace(old, target)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)

@@ -38,3 +38,15 @@ class CheckpointError(InputError):
 
 class TrainingError(BrainrankError, RuntimeError):
     """Training cannot go on (for example the loss became NaN)."""
+
+
+class LockError(InputError):
+    """An output folder is being written by another run; the message names the holder."""
+
+
+class IncompleteCacheError(InputError):
+    """A cache was left by an interrupted ingest (its manifest says ``complete: false``)."""
+
+
+class CorruptFileError(InputError):
+    """A file brainrank wrote no longer matches its checksum; the message names the file."""

@@ -11,8 +11,10 @@ from rankcore.mri.simulate import simulate_cohort
 
 @task(name="simulate-cohort", retries=0)
 def simulate_cohort_task(out_dir: str, subjects: int, seed: int, spacing: float, sites: int,
-                         corrupt: int, workers: int) -> str:
+                         corrupt: int, workers: int, *, anatomy: bool = True,
+                         warp_sd_mm: float = 2.5) -> str:
     """Write the simulated cohort (deterministic for a seed); return its root folder."""
     root = simulate_cohort(Path(out_dir), subjects=subjects, seed=seed, spacing=spacing,
-                           sites=sites, corrupt=corrupt, workers=workers)
+                           sites=sites, corrupt=corrupt, workers=workers, anatomy=anatomy,
+                           warp_sd_mm=warp_sd_mm)
     return str(root)

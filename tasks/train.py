@@ -62,6 +62,14 @@ def _ensure_ray(address: str | None, workers: int) -> None:
     _ray_started = ensure_ray(address, workers) or _ray_started
 
 
+@task(name="check-cache-complete", retries=0, cache_policy=NO_CACHE)
+def cache_complete_task(cache: str, preprocess: Any, allow_incomplete: bool) -> str | None:
+    """Refuse a cache left by an interrupted ingest; a warning line when it is allowed."""
+    from rankcore.cache import check_complete
+
+    return check_complete(cache, preprocess, allow_incomplete=allow_incomplete)
+
+
 @task(name="plan-training", retries=0, cache_policy=NO_CACHE)
 def plan_training_task(cache: str, out: str, config: dict[str, Any], k_folds: int,
                        val_fraction: float, preprocess: Any, engine: str, workers: int,

@@ -16,7 +16,8 @@ import numpy as np
 from rankcore.cache import ingest_cohort
 from rankcore.mri.types import Cohort, CohortRow, PreprocessConfig
 
-PREPROCESS = PreprocessConfig(spacing=4.0, shape=(12, 14, 10), max_voxels=50_000)
+PREPROCESS = PreprocessConfig(spacing=4.0, shape=(12, 14, 10), max_voxels=50_000,
+                              tissue=False)  # box phantoms: no tissue to classify
 _SRC_SHAPE = (30, 34, 26)
 
 

@@ -43,7 +43,8 @@ from rankcore.mri.types import (
     PreprocessedVolume,
 )
 
-CFG = PreprocessConfig(spacing=4.0, shape=(12, 14, 10), max_voxels=50_000)
+CFG = PreprocessConfig(spacing=4.0, shape=(12, 14, 10), max_voxels=50_000,
+                       tissue=False)  # box phantoms: tissue is tested in test_mri_tissue.py
 SRC_SHAPE = (30, 34, 26)
 
 
@@ -175,8 +176,8 @@ def test_float16_encoding_saturates_instead_of_overflowing():
     assert np.isfinite(vol).all() and vol[0, 0, 0] == np.finfo(np.float16).max
 
 
-def test_metadata_columns_exclude_only_the_volume():
-    assert set(CACHE_SCHEMA.names) - set(METADATA_COLUMNS) == {"volume"}
+def test_metadata_columns_exclude_only_the_volumes():
+    assert set(CACHE_SCHEMA.names) - set(METADATA_COLUMNS) == {"volume", "tissue"}
 
 
 # ----------------------------------------------------------------------------- incremental
@@ -400,8 +401,9 @@ def test_format_1_manifest_with_sha256_checksums_is_still_read_and_verified(coho
     ingest_cohort(cohort, cache, CFG, batch_size=3)
     layout = CacheLayout.for_config(cache, CFG)
     d = json.loads(layout.manifest_path.read_text())
-    assert d["format"] == 2 and all(s["checksum"].startswith("crc32:") for s in d["shards"])
-    d["format"] = 1  # what brainrank wrote before: a sha256 per shard
+    assert d["format"] == 3 and all(s["checksum"].startswith("crc32:") for s in d["shards"])
+    d["format"] = 1  # what brainrank wrote before: a sha256 per shard, no manifest checksum
+    del d["checksum"]
     for shard in d["shards"]:
         del shard["checksum"]
         shard["sha256"] = hashlib.sha256(layout.shard_path(shard["name"]).read_bytes()
@@ -416,8 +418,8 @@ def test_format_1_manifest_with_sha256_checksums_is_still_read_and_verified(coho
         open_cache(cache, verify=True)
     s = ingest_cohort(cohort, cache, CFG, batch_size=3)
     assert (s.ingested, s.rebuilt_shards) == (3, 1)
-    # rewritten in format 2; the intact old shard keeps its sha256, the rebuilt one a CRC
-    assert json.loads(layout.manifest_path.read_text())["format"] == 2
+    # rewritten in format 3; the intact old shard keeps its sha256, the rebuilt one a CRC
+    assert json.loads(layout.manifest_path.read_text())["format"] == 3
     assert sorted(sh.checksum.split(":")[0] for sh in read_manifest(layout).shards) == [
         "crc32", "sha256"]
 
@@ -434,10 +436,24 @@ def test_source_digest_is_the_sha256_of_the_bytes_read_once(cohort, tmp_path):
 
 
 def test_second_writer_is_refused_while_an_ingest_holds_the_lock(cohort, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    # The lock excludes other processes (within one process it is re-entrant).
     cache = tmp_path / "cache"
-    with cache_lock(CacheLayout.for_config(cache, CFG)), \
-            pytest.raises(InputError, match="another ingest"):
-        ingest_cohort(cohort, cache, CFG)
+    folder = CacheLayout.for_config(cache, CFG).folder
+    code = ("import sys, time\nfrom rankcore._lock import run_lock\n"
+            "with run_lock(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(folder)], text=True,
+                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InputError, match=f"in use by another brainrank run .pid {holder.pid}"):
+            ingest_cohort(cohort, cache, CFG)
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 # ----------------------------------------------------------------------------- corruption
@@ -509,6 +525,7 @@ def test_every_quarantine_category_through_the_real_ingest(tmp_path):
             write_nifti(p, data, codes=pid != "sub-badaffine")
     table = [("sub-g0", "img/g0.nii.gz", "30"), ("sub-g1", "img/g1.nii.gz", "41"),
              ("sub-g2", "img/g2.nii.gz", "89+"), ("sub-g0", "img/g0.nii.gz", "30"),
+             ("sub-dup", "img/g1.nii.gz", "50"), ("sub-dup", "img/g1.nii.gz", "51"),
              ("sub-age", "img/g1.nii.gz", "-4"), ("sub-missing", "img/nope.nii.gz", "50"),
              ("sub-outside", str(outside), "50")]
     table += [(pid, str(p.relative_to(root)), "60") for pid, (p, _) in files.items()]
@@ -520,15 +537,18 @@ def test_every_quarantine_category_through_the_real_ingest(tmp_path):
     cohort = read_cohort(manifest)
     cache = tmp_path / "cache"
     s = ingest_cohort(cohort, cache, CFG, batch_size=16)  # good and bad share one batch
-    assert s.quarantined == {c: 1 for c in QUARANTINE_CATEGORIES}
-    assert s.total == 13 and s.ingested == 3 and s.failed_fraction == pytest.approx(10 / 13)
+    # sub-g0's identical rows collapse to one; sub-dup's conflicting rows are both set aside;
+    # tissue_failed needs tissue on (CFG has it off): tests/test_mri_tissue.py covers it
+    assert s.quarantined == {c: 0 if c == "tissue_failed" else 2 if c == "duplicate_id" else 1
+                             for c in QUARANTINE_CATEGORIES}
+    assert s.total == 14 and s.ingested == 3 and s.failed_fraction == pytest.approx(11 / 14)
     view = open_cache(cache)
     assert view.keys == sorted(good)  # no valid subject lost
     assert view.table.column("age_censored").to_pylist() == [False, False, True]
     q = pq.read_table(find_layout(cache).quarantine_path)
     assert q.column_names[:5] == ["participant_id", "key", "source", "category", "message"]
     by_cat = {r["category"]: r for r in q.to_pylist()}
-    expect_pid = {"duplicate_id": "sub-g0", "bad_age": "sub-age",
+    expect_pid = {"duplicate_id": "sub-dup", "bad_age": "sub-age",
                   "missing_file": "sub-missing", "outside_root": "sub-outside",
                   "unreadable": "sub-unreadable", "wrong_dims": "sub-wrongdims",
                   "too_large": "sub-toolarge", "bad_affine": "sub-badaffine",

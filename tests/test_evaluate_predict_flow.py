@@ -21,6 +21,7 @@ import pytest
 from flows.cli import main
 from flows.evaluate import evaluate_flow
 from flows.params import EvaluateParams
+from rankcore._sealed import seal
 from rankcore.bias import BiasCorrection, fit_bias_correction
 from rankcore.cache import ingest_cohort, open_cache
 from rankcore.mri import PreprocessConfig, read_cohort
@@ -240,7 +241,7 @@ def test_evaluate_on_other_data_fits_on_the_training_validation_subjects(trained
     shutil.copytree(trained["model"], model)
     card = json.loads((model / "card.json").read_text())
     card["data"]["cache_dir"] = str(tmp_path / "gone")
-    (model / "card.json").write_text(json.dumps(card))
+    (model / "card.json").write_text(json.dumps(seal(card)))  # a deliberate edit, re-sealed
     ev = evaluate_model(model, cache, tmp_path / "report", split="all", n_boot=0)
     bc = ev.metrics["bias_corrected"]
     assert bc["source"].startswith("stored in") and bc["coefficients"] == reference

@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import nibabel as nib
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from prefect.artifacts import Artifact
@@ -25,18 +24,17 @@ from rankcore.cache import open_cache
 pytestmark = pytest.mark.prefect
 
 REPO = Path(__file__).resolve().parents[1]
-SHAPE = (12, 14, 10)
+SHAPE = (40, 48, 40)  # the whole simulated brain at 4 mm (tissue classification needs it)
 
 
 def _write_head(path: Path, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    x = np.zeros((30, 34, 26), np.float32)
-    x[5:25, 6:29, 4:21] = 100.0
-    x[8:14, 10:16, 8:12] = 160.0 + 10 * rng.random()
-    x += rng.normal(0.0, 3.0, x.shape).astype(np.float32)
-    affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    affine[:3, 3] = [-30.0, -34.0, -26.0]
-    nib.save(nib.Nifti1Image(x, affine), path)
+    """A simulated skull-stripped T1 head (4 mm), different for every seed."""
+    from rankcore.mri.phantom import SimulationConfig, render_subject, sample_subject
+
+    params = sample_subject(SimulationConfig(subjects=1, seed=seed, spacing=4.0,
+                                             quirks=False), 0)
+    img, _, _ = render_subject(params, spacing=4.0)
+    nib.save(img, path)
 
 
 @pytest.fixture()

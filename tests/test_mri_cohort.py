@@ -36,7 +36,7 @@ PARTICIPANTS = [
     ["sub-05", "55", "m", "C", "R"],      # two sessions, ages in sessions.tsv
     ["sub-07", "abc", "F", "A", "R"],
     ["sub-08", "-3", "M", "A", "R"],
-    ["sub-01", "31", "M", "A", "R"],      # repeated
+    ["sub-01", "30.5", "M", "A", "R"],    # repeated, identical: collapsed with a note
     ["09", "60", "F", "C", "L"],          # BIDS id without its prefix
 ]
 
@@ -77,7 +77,7 @@ def test_bids_rows_and_quarantine(bids):
     assert (r05a.age, r05b.age, r05a.sex, r05a.site) == (55.0, 57.5, "M", "C")
     assert r09.participant_id == "sub-09" and r09.age == 60.0
     assert sorted(_categories(cohort)) == sorted([
-        ("sub-01", "duplicate_id"), ("sub-01", "duplicate_id"), ("sub-03", "bad_age"),
+        ("sub-01", "duplicate_id"), ("sub-03", "bad_age"),
         ("sub-04", "missing_file"), ("sub-06", "bad_age"), ("sub-07", "bad_age"),
         ("sub-08", "bad_age")])
     msgs = {(q.participant_id, q.category, q.source): q.message for q in cohort.quarantine}
@@ -85,7 +85,7 @@ def test_bids_rows_and_quarantine(bids):
     assert "kept sub-01_T1w.nii.gz" in msgs["sub-01", "duplicate_id", run2]
     assert "'abc' is not a number" in msgs["sub-07", "bad_age", str(bids / "sub-07/anat/"
                                                                      "sub-07_T1w.nii.gz")]
-    assert "participants.tsv line 9" in " ".join(msgs.values())  # the repeated sub-01 row
+    assert len(cohort.notes) == 1 and "line 9" in cohort.notes[0]  # the repeated sub-01 row
 
 
 def test_bids_without_required_ages(bids):
@@ -97,7 +97,7 @@ def test_bids_without_required_ages(bids):
     assert by_key["sub-06"].age is None and by_key["sub-06"].sex is None
     # missing ages are fine for prediction; malformed ones are still refused
     assert sorted(_categories(cohort)) == sorted([
-        ("sub-01", "duplicate_id"), ("sub-01", "duplicate_id"), ("sub-04", "missing_file"),
+        ("sub-01", "duplicate_id"), ("sub-04", "missing_file"),
         ("sub-07", "bad_age"), ("sub-08", "bad_age")])
 
 
@@ -166,15 +166,20 @@ def test_manifest_row_problems(tmp_path):
          "session": ""},
     ])
     cohort = read_cohort(tmp_path / "m.csv")
-    assert [(r.key, r.age, r.split) for r in cohort.rows] == [("a/1", 20.0, "train"),
-                                                              ("a/2", 21.0, "val")]
-    got = {(q.participant_id, q.category): q for q in cohort.quarantine}
-    assert set(got) == {("a", "duplicate_id"), ("d", "missing_file"), ("e", "bad_age"),
-                        ("f", "missing_file"), ("g", "missing_file")}
-    dup = got["a", "duplicate_id"]
-    assert dup.source == str(tmp_path / "img" / "c.nii.gz")
-    assert "m.csv line 4" in dup.message and "first at line 2" in dup.message
-    assert "is not a file" in got["g", "missing_file"].message
+    # a/1 appears twice with other ages and images: both rows are set aside, a/2 is kept
+    assert [(r.key, r.age, r.split) for r in cohort.rows] == [("a/2", 21.0, "val")]
+    got = {(q.participant_id, q.category, q.source): q for q in cohort.quarantine}
+    img = tmp_path / "img"
+    assert set(got) == {("a", "duplicate_id", str(img / "a.nii.gz")),
+                        ("a", "duplicate_id", str(img / "c.nii.gz")),
+                        ("d", "missing_file", str(img / "nope.nii.gz")),
+                        ("e", "bad_age", str(img / "e.nii.gz")),
+                        ("f", "missing_file", str(tmp_path / "m.csv") + " line 7"),
+                        ("g", "missing_file", str(img / "dir.nii.gz"))}
+    dup = got["a", "duplicate_id", str(img / "c.nii.gz")]
+    assert "m.csv line 4" in dup.message and "lines 2, line 4" not in dup.message
+    assert "age 20 / 22" in dup.message and "line 2" in dup.message
+    assert "is not a file" in got["g", "missing_file", str(img / "dir.nii.gz")].message
 
 
 @pytest.fixture

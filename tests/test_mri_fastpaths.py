@@ -372,7 +372,7 @@ def test_preprocess_oblique_route_equals_map_coordinates(seed):
 
 # --- 4. load.py == nibabel get_fdata(dtype=float32) ------------------------------------------
 
-LOAD_CONFIG = PreprocessConfig(spacing=2.0, shape=(8, 8, 8))
+LOAD_CONFIG = PreprocessConfig(spacing=2.0, shape=(8, 8, 8), tissue=False)
 AFFINE = np.array([[-1.5, 0, 0, 10.0], [0, 1.25, 0, -20.0], [0, 0, 2.0, 5.0], [0, 0, 0, 1]])
 
 
@@ -554,7 +554,7 @@ def test_brain_volume_matches_the_simulated_truth(small_cohort):
     rows = read_truth(small_cohort)
     assert len(rows) == 8 and {r["grid"] for r in rows} >= {"iso", "fine", "aniso", "oblique"}
     # a grid smaller than the brain: brain_volume_ml is measured on the source grid
-    config = PreprocessConfig(spacing=4.0, shape=(23, 27, 19))
+    config = PreprocessConfig(spacing=4.0, shape=(23, 27, 19), tissue=False)
     for row in rows:
         pv = preprocess_file(small_cohort / row["path"], config)
         true_ml = sum(float(row[k]) for k in TISSUE_COLUMNS)
@@ -604,7 +604,8 @@ def _brain_ml(img_seed: int) -> float:
 
 def _preprocess(img: np.ndarray):
     affine = np.diag([HEAD_VOXEL] * 3 + [1.0])
-    return preprocess_volume(img, affine, PreprocessConfig(spacing=HEAD_VOXEL, shape=(23, 27, 19)))
+    return preprocess_volume(img, affine, PreprocessConfig(spacing=HEAD_VOXEL, shape=(23, 27, 19),
+                                                           tissue=False))
 
 
 @pytest.mark.parametrize("seed", range(3))

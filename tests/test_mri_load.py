@@ -15,7 +15,7 @@ from rankcore.errors import QuarantineError, ShapeError
 from rankcore.mri import PreprocessConfig, check_affine, inspect_header, load_volume
 
 SHAPE = (7, 8, 9)
-CONFIG = PreprocessConfig(spacing=2.0, shape=(8, 8, 8))
+CONFIG = PreprocessConfig(spacing=2.0, shape=(8, 8, 8), tissue=False)
 
 
 def _affine() -> np.ndarray:
@@ -192,7 +192,7 @@ def test_max_voxels_comes_from_the_config(tmp_path):
     path = _write(tmp_path / "a.nii", _data())
     inspect_header(path, CONFIG)
     with pytest.raises(QuarantineError) as e:
-        inspect_header(path, PreprocessConfig(max_voxels=int(np.prod(SHAPE)) - 1))
+        inspect_header(path, PreprocessConfig(max_voxels=int(np.prod(SHAPE)) - 1, tissue=False))
     assert e.value.category == "too_large"
 
 

@@ -387,7 +387,8 @@ def test_cache_volume_dataset_feeds_the_loop(tmp_path):
                               site="a", split="train"))
     cache = tmp_path / "cache"
     ingest_cohort(Cohort(src, "manifest", tuple(rows)), cache,
-                  PreprocessConfig(spacing=4.0, shape=(12, 14, 10), max_voxels=50_000))
+                  PreprocessConfig(spacing=4.0, shape=(12, 14, 10), max_voxels=50_000,
+                                   tissue=False))  # box phantoms: no tissue to classify
     ds = VolumeDataset(cache, split="train")
     eager, lazy = SubjectData.from_dataset(ds), SubjectData.from_dataset(ds, preload=False)
     assert eager.participant_ids == lazy.participant_ids == tuple(ds.keys)

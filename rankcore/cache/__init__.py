@@ -19,7 +19,7 @@ from rankcore.cache.ingest import (
 )
 from rankcore.cache.layout import CacheLayout, Manifest, ShardInfo, cache_lock, find_layout
 from rankcore.cache.plan import IngestPlan, plan_ingest
-from rankcore.cache.reader import CacheView, open_cache
+from rankcore.cache.reader import CacheView, check_complete, open_cache
 from rankcore.cache.schema import (
     CACHE_SCHEMA,
     FEATURE_COLUMNS,
@@ -52,6 +52,7 @@ __all__ = [
     "SubjectTask",
     "VolumeDataset",
     "cache_lock",
+    "check_complete",
     "commit_batch",
     "decode_volume",
     "ensure_ray",

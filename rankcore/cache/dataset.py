@@ -1,10 +1,10 @@
 """A torch Dataset over the cache: metadata in memory, volumes read lazily from memory maps.
 
-Construction reads only the metadata columns. Each item reads one row group of one shard
-through ``pyarrow.memory_map`` (the OS pages the bytes in; nothing is loaded ahead), decodes
-the stored float16/float32 bytes with ``np.frombuffer`` and returns a float32 tensor. Shard
-handles are opened per process on first use, so the dataset pickles cheaply into DataLoader
-workers.
+Construction reads only the metadata columns (the tissue features included). Each item
+reads one row group of one shard through ``pyarrow.memory_map`` (the OS pages the bytes
+in; nothing is loaded ahead), decodes the stored float16/float32 bytes (and uint8 tissue
+probabilities) with ``np.frombuffer`` and returns a float32 tensor. Shard handles are
+opened per process on first use, so the dataset pickles cheaply into DataLoader workers.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 
 from rankcore.cache.reader import CacheView, open_cache
 from rankcore.cache.shards import open_shard
+from rankcore.mri.tissue_names import CLASSES, TISSUE_FEATURES
 from rankcore.mri.types import PreprocessConfig
 
 MISSING = "n/a"  # what a missing sex / site becomes (BIDS spelling), so batches collate
@@ -30,7 +31,8 @@ class VolumeDataset(Dataset):
     """Subject-sessions of a cache as ``{"image", "age", "sex", "site", "participant_id", "key"}``.
 
     Items:
-        image: float32 tensor (1, X, Y, Z), RAS, normalised intensities.
+        image: float32 tensor (C, X, Y, Z), RAS: :meth:`channels` (C = 4 with tissue,
+            1 without).
         age: float32 0-d tensor, years (NaN when unknown).
         sex, site: str (``"n/a"`` when unknown).
         participant_id, key: str.
@@ -54,6 +56,13 @@ class VolumeDataset(Dataset):
         self.sites = [MISSING if v is None else v for v in t.column("site").to_pylist()]
         self._files: dict[str, pq.ParquetFile] = {}
         self._pid = os.getpid()
+        self.features: np.ndarray = self.view.tissue_features()
+        """(N, F) float64 tissue features, NaN where missing (F = 0 without tissue)."""
+        self.feature_names: tuple[str, ...] = TISSUE_FEATURES if self.view.has_tissue else ()
+        """Names of the columns of :attr:`features` (rankcore.mri.tissue_names)."""
+        self.channel_names: tuple[str, ...] = (
+            ("t1", *CLASSES) if self.view.has_tissue else ("t1",))
+        """Names of the channels of :meth:`channels`: ("t1", "gm", "wm", "csf") or ("t1",)."""
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -73,12 +82,29 @@ class VolumeDataset(Dataset):
         i %= len(self)
         return self.view.read_volume(i, self._shard(self.view.shards[i]))
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def channels(self, i: int) -> np.ndarray:
+        """Item ``i``'s channels: (C, X, Y, Z), the stored volume's dtype (float16/float32).
+
+        Channel 0 is :meth:`volume` (normalised intensity); with tissue, channels 1..3 are
+        the GM, WM and CSF probabilities in [0, 1] (stored to 1/255). C ==
+        ``len(channel_names)``.
+        """
         vol = self.volume(i)
+        if not self.view.has_tissue:
+            return vol[None].copy()
         i %= len(self)
-        # The stored bytes are a read-only view of the page; copy them (1 byte/voxel cheap in
-        # float16) and let torch widen them (much faster than numpy's float16 cast).
-        image = torch.from_numpy(vol.copy()).to(torch.float32).unsqueeze(0)
+        tissue = self.view.read_tissue(i, self._shard(self.view.shards[i]))
+        return np.concatenate([vol[None], tissue.astype(vol.dtype)], axis=0)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        if not self.view.has_tissue:
+            vol = self.volume(i)
+            # The stored bytes are a read-only view of the page; copy them (1 byte/voxel
+            # cheap in float16) and let torch widen them (faster than numpy's float16 cast).
+            image = torch.from_numpy(vol.copy()).to(torch.float32).unsqueeze(0)
+        else:
+            image = torch.from_numpy(self.channels(i)).to(torch.float32)
+        i %= len(self)
         return {
             "image": image,
             "age": torch.tensor(self.ages[i], dtype=torch.float32),

@@ -77,7 +77,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     """Connect to Ray unless already connected; return True when this call started it.
 
     ``address`` joins an existing cluster ("auto", "ray://host:10001", "host:6379");
-    without it a local cluster with ``num_cpus`` CPUs is started.
+    without it a local cluster with ``num_cpus`` CPUs is started, bound to this process: it
+    ends when this process dies, even by kill -9 (:mod:`rankcore._reaper`).
     """
     import ray
 
@@ -86,6 +87,9 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
+        from rankcore._reaper import reap_descendants_on_death
+
+        reap_descendants_on_death()
         ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     return True
 

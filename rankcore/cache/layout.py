@@ -22,7 +22,6 @@ a sha256 per shard instead (``"sha256:<hex>"`` once read); both are verified.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -36,12 +35,14 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rankcore._sealed import CHECKSUM_KEY, parse_sealed, seal
 from rankcore.errors import InputError
 from rankcore.mri.types import PreprocessConfig
 
-MANIFEST_FORMAT = 2
-#: Manifest formats this version reads (1: a sha256 per shard instead of a CRC-32).
-_READABLE_FORMATS = (1, 2)
+MANIFEST_FORMAT = 3
+#: Manifest formats this version reads (1: a sha256 per shard instead of a CRC-32; 1 and 2:
+#: no checksum of the manifest itself, which format 3 carries, see rankcore._sealed).
+_READABLE_FORMATS = (1, 2, 3)
 #: Read size when checksumming a file.
 _CHUNK = 1 << 20
 _TMP_PREFIX = ".tmp-"
@@ -78,10 +79,6 @@ class CacheLayout:
     def quarantine_path(self) -> Path:
         return self.folder / "quarantine.parquet"
 
-    @property
-    def lock_path(self) -> Path:
-        return self.folder / ".lock"
-
     def shard_path(self, name: str) -> Path:
         return self.shard_dir / name
 
@@ -100,6 +97,12 @@ def find_layout(cache_dir: str | Path, config: PreprocessConfig | None = None) -
                              f"(run `brainrank ingest` first), got {str(root)!r}")
         return layout
     found = sorted(p.parent.name for p in root.glob("*/manifest.json") if p.is_file())
+    current = [d for d in found if is_current(CacheLayout(root, d))]
+    if found and not current:
+        raise InputError(f"`cache_dir` {str(root)!r} must hold a cache written by this "
+                         f"brainrank version, got only stale ones ({', '.join(found)}: "
+                         f"another preprocessing); run `brainrank ingest` again to rebuild")
+    found = current
     if not found:
         raise InputError(f"`cache_dir` must hold a brainrank cache (run `brainrank ingest` "
                          f"first), got {str(root)!r}")
@@ -110,14 +113,35 @@ def find_layout(cache_dir: str | Path, config: PreprocessConfig | None = None) -
 
 
 def read_config(layout: CacheLayout) -> PreprocessConfig:
-    """The PreprocessConfig stored in ``layout.config_path``."""
+    """The PreprocessConfig stored in ``layout.config_path``.
+
+    Raises:
+        InputError: unreadable, or stale: written by a brainrank whose PreprocessConfig had
+            other settings (its digest is not the folder's name), so its rows were made by
+            another preprocessing and must not be read or mixed with new ones.
+    """
     try:
         data = json.loads(layout.config_path.read_text(encoding="utf-8"))
         data["shape"] = tuple(data["shape"])
-        return PreprocessConfig(**data)
+        config = PreprocessConfig(**data)
     except (OSError, ValueError, TypeError, KeyError) as exc:
-        raise InputError(f"`config.json` of cache {str(layout.folder)!r} is unreadable: "
-                         f"{exc}") from None
+        raise InputError(f"`config.json` of cache {str(layout.folder)!r} is unreadable or "
+                         f"stale ({exc}); run `brainrank ingest` again to rebuild it") from None
+    if config.digest() != layout.digest:
+        raise InputError(f"`config.json` of cache {str(layout.folder)!r} is stale or corrupt: "
+                         f"it describes config {config.digest()} under this brainrank version, "
+                         f"not the folder's {layout.digest}; run `brainrank ingest` again to "
+                         f"rebuild it")
+    return config
+
+
+def is_current(layout: CacheLayout) -> bool:
+    """Whether ``layout``'s config.json reads as a config of this version with its digest."""
+    try:
+        read_config(layout)
+    except InputError:
+        return False
+    return True
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -261,7 +285,10 @@ def read_manifest(layout: CacheLayout) -> Manifest:
     if not layout.manifest_path.exists():
         return Manifest(layout.digest)
     try:
-        d = json.loads(layout.manifest_path.read_text(encoding="utf-8"))
+        d = parse_sealed(layout.manifest_path.read_bytes().decode("utf-8"), "manifest.json",
+                         required=False)
+        if CHECKSUM_KEY not in d and int(d["format"]) >= 3:
+            raise ValueError("its `checksum` is missing")
         if int(d["format"]) not in _READABLE_FORMATS:
             raise ValueError(f"format {d['format']} is not one of {_READABLE_FORMATS}")
         manifest = Manifest(digest=str(d["preproc_digest"]),
@@ -278,7 +305,7 @@ def read_manifest(layout: CacheLayout) -> Manifest:
 
 def write_manifest(layout: CacheLayout, manifest: Manifest) -> None:
     """Atomically replace the manifest."""
-    text = json.dumps(manifest.to_dict(), indent=1, sort_keys=True)
+    text = json.dumps(seal(manifest.to_dict()), indent=1, sort_keys=True)
     atomic_write_bytes(layout.manifest_path, text.encode())
 
 
@@ -310,20 +337,15 @@ def remove_strays(layout: CacheLayout, manifest: Manifest) -> list[str]:
 def cache_lock(layout: CacheLayout) -> Iterator[None]:
     """Hold an exclusive lock on the cache folder while ingesting (one writer at a time).
 
+    The lock is :func:`rankcore._lock.run_lock` on the config's folder (the file
+    ``cache_dir/.<digest>.lock`` while held, none after; a lock left by a killed ingest is
+    taken over).
+
     Raises:
-        InputError: another process holds the lock.
+        LockError: another live process holds the lock (the message names it).
     """
+    from rankcore._lock import run_lock
+
     layout.folder.mkdir(parents=True, exist_ok=True)
-    fd = os.open(layout.lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise InputError(f"`cache_dir` {str(layout.folder)!r} is being written by another "
-                             f"ingest; wait for it to finish") from None
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-    finally:
-        os.close(fd)
+    with run_lock(layout.folder, "cache_dir"):
+        yield

@@ -214,6 +214,8 @@ def plan_ingest(cohort: Cohort, cache_dir: str | Path, config: PreprocessConfig,
                       total=len(cohort.rows) + len(cohort.quarantine), batches=[],
                       existing={}, rebuilt_shards=n_bad, manifest_dirty=n_bad > 0)
     _load_existing(plan)
+    for note in getattr(cohort, "notes", ()):
+        logger.warning("note: %s", note)
     verdicts = _load_verdicts(layout)
     plan.quarantine.extend((e, None, None, None, version) for e in cohort.quarantine)
 

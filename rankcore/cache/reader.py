@@ -18,9 +18,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from rankcore.cache.layout import CacheLayout, Manifest, find_layout, read_config, read_manifest
-from rankcore.cache.schema import CACHE_SCHEMA, METADATA_COLUMNS, decode_volume
+from rankcore.cache.schema import CACHE_SCHEMA, METADATA_COLUMNS, decode_tissue, decode_volume
 from rankcore.cache.shards import open_shard, read_shard_metadata, verify_shard
-from rankcore.errors import InputError
+from rankcore.errors import IncompleteCacheError, InputError
+from rankcore.mri.tissue_names import TISSUE_FEATURES
 from rankcore.mri.types import PreprocessConfig
 
 
@@ -84,28 +85,63 @@ class CacheView:
                          tuple(self.shards[i] for i in idx),
                          tuple(self.row_groups[i] for i in idx))
 
-    def read_volume(self, i: int, pf: pq.ParquetFile | None = None) -> np.ndarray:
-        """Volume of row ``i`` as stored (float16 or float32, shape ``config.shape``).
+    @property
+    def has_tissue(self) -> bool:
+        """Whether the rows carry tissue channels and features (``config.tissue``)."""
+        return bool(self.config.tissue)
 
-        Reads one row group (one page of the volume column) from a memory-mapped file.
-        ``pf`` is an already opened ``open_shard`` of the row's shard.
-        """
+    def _read_cell(self, i: int, column: str, pf: pq.ParquetFile | None) -> pa.Buffer:
+        """The bytes of ``column`` in row ``i`` (one row group of a memory-mapped shard)."""
         if not 0 <= i < len(self):
             raise IndexError(f"row {i} out of range for a cache of {len(self)} rows")
         name = self.shards[i]
         if pf is None:
             pf = open_shard(self.layout.shard_path(name))
         try:
-            part = pf.read_row_group(self.row_groups[i], columns=["key", "volume"])
+            part = pf.read_row_group(self.row_groups[i], columns=["key", column])
         except (OSError, pa.ArrowException) as exc:
             raise _corrupt(self.layout, name, str(exc)) from None
         key = self.table.column("key")[i].as_py()
         if part.num_rows != 1 or part.column("key")[0].as_py() != key:
             raise _corrupt(self.layout, name, f"row group {self.row_groups[i]} does not hold "
                                               f"{key!r}")
+        cell = part.column(column)[0]
+        if not cell.is_valid:
+            raise _corrupt(self.layout, name, f"row {key!r} has no {column!r}")
+        return cell.as_buffer()
+
+    def read_volume(self, i: int, pf: pq.ParquetFile | None = None) -> np.ndarray:
+        """Volume of row ``i`` as stored (float16 or float32, shape ``config.shape``).
+
+        Reads one row group (one page of the volume column) from a memory-mapped file.
+        ``pf`` is an already opened ``open_shard`` of the row's shard.
+        """
+        buf = self._read_cell(i, "volume", pf)
         shape = self.table.column("shape")[i].as_py()
         dtype = self.table.column("volume_dtype")[i].as_py()
-        return decode_volume(part.column("volume")[0].as_buffer(), shape, dtype)
+        return decode_volume(buf, shape, dtype)
+
+    def read_tissue(self, i: int, pf: pq.ParquetFile | None = None) -> np.ndarray:
+        """GM, WM, CSF probabilities of row ``i``: float32 (3, X, Y, Z) in [0, 1].
+
+        Raises:
+            InputError: the cache has no tissue (``config.tissue`` off).
+        """
+        if not self.has_tissue:
+            raise InputError(f"cache {str(self.layout.folder)!r} must hold tissue channels "
+                             f"(ingest with `tissue` on), got a cache without them")
+        buf = self._read_cell(i, "tissue", pf)
+        return decode_tissue(buf, self.table.column("shape")[i].as_py())
+
+    def tissue_features(self) -> np.ndarray:
+        """(N, F) float64 tissue features (F = len(TISSUE_FEATURES); F = 0 without tissue)."""
+        if not self.has_tissue:
+            return np.zeros((len(self), 0), dtype=np.float64)
+        out = np.full((len(self), len(TISSUE_FEATURES)), np.nan, dtype=np.float64)
+        for r, values in enumerate(self.table.column("tissue_features").to_pylist()):
+            if values is not None and len(values) == len(TISSUE_FEATURES):
+                out[r] = values
+        return out
 
 
 def open_cache(cache_dir: str | Path, config: PreprocessConfig | None = None, *,
@@ -147,3 +183,37 @@ def open_cache(cache_dir: str | Path, config: PreprocessConfig | None = None, *,
     order = sorted(last.values(), key=lambda i: keys[i])
     return CacheView(layout, stored, manifest, table.take(pa.array(order, pa.int64())),
                      tuple(shards[i] for i in order), tuple(groups[i] for i in order))
+
+
+def check_complete(cache_dir: str | Path, config: PreprocessConfig | None = None, *,
+                   allow_incomplete: bool = False) -> str | None:
+    """Refuse a cache whose ingest was interrupted (its manifest says ``complete: false``).
+
+    Such a cache holds only the subjects ingested before the interruption (and may hold a
+    subject twice), so training or evaluating on it silently uses part of the cohort.
+
+    Args:
+        cache_dir: the cache root.
+        config: which preprocessing config's cache; None when there is only one.
+        allow_incomplete: accept it anyway; the returned warning says what is used.
+
+    Returns:
+        None for a complete cache, else (with ``allow_incomplete``) a one-line warning.
+
+    Raises:
+        IncompleteCacheError: an incomplete cache and ``allow_incomplete`` is False.
+        InputError: no cache there (as :func:`find_layout`), or an unreadable manifest.
+    """
+    layout = find_layout(cache_dir, config)
+    manifest = read_manifest(layout)
+    if manifest.complete:
+        return None
+    rows = sum(s.rows for s in manifest.shards)
+    what = (f"cache {str(layout.folder)!r} is incomplete: its ingest was interrupted "
+            f"(manifest.json says `complete: false`; {rows} row(s) in "
+            f"{len(manifest.shards)} shard(s) so far)")
+    if not allow_incomplete:
+        raise IncompleteCacheError(f"{what}; run `brainrank ingest` on the cohort again to "
+                                   "finish it (or pass --allow-incomplete-cache to use it as "
+                                   "it is)")
+    return f"{what}; using it anyway (--allow-incomplete-cache): results cover only these rows"

@@ -5,6 +5,12 @@ of a C-ordered array (``volume_dtype``, shape ``shape``) in a ``binary`` column:
 PLAIN-encoded, one row per row group, so that one subject is read by decoding exactly one
 page, straight out of a memory-mapped file, and turned into an array with ``np.frombuffer``
 (no per-element list decoding, as a list<float16> column would need).
+
+With ``PreprocessConfig.tissue`` on, two more columns hold the tissue of each row: ``tissue``,
+the GM, WM and CSF probabilities as raw C-order bytes of a uint8 (3, X, Y, Z) array
+(probability = value / 255, :data:`TISSUE_LEVELS`), and ``tissue_features``, the features
+named by ``TISSUE_FEATURES`` (recorded in the schema metadata as
+``brainrank.tissue_features``). Both are null when tissue is off.
 """
 
 from __future__ import annotations
@@ -20,10 +26,14 @@ import numpy as np
 import pyarrow as pa
 
 from rankcore.errors import InputError
+from rankcore.mri.tissue_names import CLASSES, TISSUE_FEATURES
 from rankcore.mri.types import CohortRow, PreprocessConfig, PreprocessedVolume, QuarantineEntry
 
 #: Bumped when a column changes meaning; written into every shard's schema metadata.
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
+
+#: Quantisation of the stored tissue probabilities: uint8 value v means v / TISSUE_LEVELS.
+TISSUE_LEVELS = 255
 
 #: Scalar features computed during preprocessing (float columns, null when absent).
 FEATURE_COLUMNS = ("brain_volume_ml", "p01", "p50", "p99")
@@ -54,6 +64,8 @@ CACHE_SCHEMA = pa.schema(
         pa.field("affine", pa.list_(pa.float64()), nullable=False),  # 4x4 row-major, mm
         pa.field("volume_dtype", pa.string(), nullable=False),  # "float16" | "float32"
         pa.field("volume", pa.binary(), nullable=False),  # raw C-order bytes
+        pa.field("tissue", pa.binary()),  # uint8 (3, x, y, z) C-order; null: no tissue
+        pa.field("tissue_features", pa.list_(pa.float32())),  # TISSUE_FEATURES order
         *(pa.field(name, pa.float64()) for name in FEATURE_COLUMNS),
         pa.field("source_orientation", pa.string()),  # axis codes, e.g. "LAS"
         pa.field("source_spacing", pa.list_(pa.float32())),  # mm
@@ -61,11 +73,16 @@ CACHE_SCHEMA = pa.schema(
         pa.field("actions", pa.string()),  # "; "-joined preprocessing steps
         pa.field("brainrank_version", pa.string(), nullable=False),
     ],
-    metadata={"brainrank.schema_version": SCHEMA_VERSION},
+    metadata={"brainrank.schema_version": SCHEMA_VERSION,
+              "brainrank.tissue_classes": ",".join(CLASSES),
+              "brainrank.tissue_features": ",".join(TISSUE_FEATURES)},
 )
 
-#: Every column except the volume: what metadata readers load.
-METADATA_COLUMNS = tuple(name for name in CACHE_SCHEMA.names if name != "volume")
+#: Columns holding a whole volume (read one row at a time, never with the metadata).
+VOLUME_COLUMNS = ("volume", "tissue")
+
+#: Every column except the volumes: what metadata readers load.
+METADATA_COLUMNS = tuple(name for name in CACHE_SCHEMA.names if name not in VOLUME_COLUMNS)
 
 #: String columns worth dictionary-encoding (few distinct values).
 DICTIONARY_COLUMNS = ("session", "sex", "site", "split", "preproc_digest", "volume_dtype",
@@ -171,6 +188,23 @@ def decode_volume(buf: Any, shape: Sequence[int], dtype: str) -> np.ndarray:
     return arr.reshape(shape)
 
 
+def encode_tissue(probabilities: np.ndarray) -> bytes:
+    """uint8 bytes (C order) of (3, X, Y, Z) probabilities in [0, 1], rounded to 1/255."""
+    q = np.rint(np.clip(np.asarray(probabilities, dtype=np.float32), 0.0, 1.0)
+                * np.float32(TISSUE_LEVELS))
+    return np.ascontiguousarray(q, dtype=np.uint8).tobytes()
+
+
+def decode_tissue(buf: Any, shape: Sequence[int]) -> np.ndarray:
+    """float32 (3, X, Y, Z) probabilities from stored tissue bytes of a (X, Y, Z) ``shape``."""
+    full = (len(CLASSES), *(int(s) for s in shape))
+    arr = np.frombuffer(buf, dtype=np.uint8)
+    if arr.size != int(np.prod(full)):
+        raise InputError(f"`tissue` must hold {int(np.prod(full))} uint8 values for shape "
+                         f"{full}, got {arr.size}")
+    return arr.reshape(full).astype(np.float32) * np.float32(1.0 / TISSUE_LEVELS)
+
+
 def _opt_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
@@ -198,6 +232,8 @@ def volume_row(row: CohortRow, pv: PreprocessedVolume, config: PreprocessConfig,
         "affine": affine.reshape(-1).tolist(),
         "volume_dtype": config.dtype,
         "volume": encode_volume(data, config.dtype),
+        "tissue": None,
+        "tissue_features": None,
         "source_orientation": _opt_str(pv.source_orientation),
         "source_spacing": [float(s) for s in pv.source_spacing],
         "source_shape": [int(s) for s in pv.source_shape],
@@ -207,6 +243,18 @@ def volume_row(row: CohortRow, pv: PreprocessedVolume, config: PreprocessConfig,
     for name in FEATURE_COLUMNS:
         value = pv.features.get(name)
         out[name] = None if value is None else float(value)
+    if config.tissue:
+        if pv.tissue is None or pv.tissue_features is None:
+            raise InputError("`pv` must carry tissue channels and features when "
+                             "`config.tissue` is on, got none")
+        if pv.tissue.shape != (len(CLASSES), *data.shape):
+            raise InputError(f"`pv.tissue` must have shape {(len(CLASSES), *data.shape)}, "
+                             f"got {pv.tissue.shape}")
+        if len(pv.tissue_features) != len(TISSUE_FEATURES):
+            raise InputError(f"`pv.tissue_features` must hold {len(TISSUE_FEATURES)} values, "
+                             f"got {len(pv.tissue_features)}")
+        out["tissue"] = encode_tissue(pv.tissue)
+        out["tissue_features"] = [float(v) for v in pv.tissue_features]
     return out
 
 

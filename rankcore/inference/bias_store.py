@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rankcore._io import atomic_write
+from rankcore._sealed import CHECKSUM_KEY, read_sealed, seal
 from rankcore.bias import BiasCorrection
 from rankcore.errors import InputError
 
@@ -32,7 +33,7 @@ def save_bias(path: str | Path, correction: BiasCorrection, card: Mapping[str, A
     path = Path(path)
     if path.is_dir():
         path = path / BIAS_FILE
-    blob = dict(correction.to_dict(), training_key=card.get("training_key"), **extra)
+    blob = seal(dict(correction.to_dict(), training_key=card.get("training_key"), **extra))
     text = json.dumps(blob, indent=2, sort_keys=True) + "\n"
     return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
@@ -45,8 +46,9 @@ def load_bias(path: str | Path, card: Mapping[str, Any]) -> BiasCorrection:
         card: the cascade card the correction will be applied with.
 
     Raises:
-        InputError: no such file (the message says how to make one), an unreadable file, or a
-            correction fitted for another model.
+        InputError: no such file (the message says how to make one), an unreadable file, a
+            file changed since it was written (CorruptFileError), or a correction fitted for
+            another model.
     """
     path = Path(path)
     file = path / BIAS_FILE if path.is_dir() else path
@@ -56,10 +58,11 @@ def load_bias(path: str | Path, card: Mapping[str, Any]) -> BiasCorrection:
                          "first (it fits the correction on the validation split and stores it "
                          "in MODEL_DIR/bias.json), or give --bias-file")
     try:
-        blob = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+        blob = read_sealed(file, f"bias correction {str(file)!r}")
+    except OSError as err:
         raise InputError(f"bias correction {str(file)!r} is unreadable: {err}") from None
-    correction = BiasCorrection.from_dict(blob)
+    correction = BiasCorrection.from_dict(
+        {k: v for k, v in blob.items() if k != CHECKSUM_KEY})
     key = card.get("training_key")
     if blob.get("training_key") != key:
         raise InputError(f"bias correction {str(file)!r} was fitted for another model "

@@ -212,6 +212,8 @@ def predict_cohort(model_dir: str | Path, cohort: str | Path, out_file: str | Pa
         bias_file=bias_file, spacing=spacing, shape=shape,
         allow_outside_root=allow_outside_root, device=device,
         max_spacing_ratio=max_spacing_ratio)
+    for stray in out_file.parent.glob(f".{out_file.name}.*.tmp"):  # a killed earlier run's
+        stray.unlink(missing_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(out_file)
     log.info("predicting %d subject-session(s) of %s with %s; preprocessing (%s) into %s",
              len(parsed.rows), cohort, model_dir, describe_config(config), cache)

@@ -76,7 +76,10 @@ class AgedTissue:
     """Partial-volume maps of one aged brain on the template's working grid (float32).
 
     ``gm + wm + csf == template.mask``; ``ventricles`` (part of ``csf``) is the lateral
-    ventricles' partial volume. Volumes are in ml in template (MNI) space.
+    ventricles' partial volume. Volumes are in ml in template (MNI) space. A subject whose
+    anatomy was warped (``rankcore.mri.phantom.subject_anatomy``) holds its warped maps (on
+    the warp's padded grid, summing to the warped mask) and their volumes, with the warp's
+    RMS (``warp_sd_mm``) and largest (``warp_max_mm``) displacement; both are 0 otherwise.
     """
 
     gm: np.ndarray
@@ -88,6 +91,8 @@ class AgedTissue:
     csf_ml: float
     ventricle_ml: float
     ventricle_shift_mm: float
+    warp_sd_mm: float = 0.0
+    warp_max_mm: float = 0.0
 
 
 def _wall_ramp(distance: np.ndarray, shift_mm: float, spacing: float) -> np.ndarray:

@@ -6,7 +6,10 @@ BIDS root (a folder): ``participants.tsv`` (``participant_id`` required; ``age``
 the "sub-" prefix in participants.tsv get it. A ``sub-X/sub-X_sessions.tsv`` with
 ``session_id`` and ``age`` columns gives per-session ages (they win over participants.tsv).
 A session folder holding several T1w images (acq-/run- variants) keeps the first by name;
-the others are quarantined as `duplicate_id`. A participant with no image is `missing_file`.
+the others are quarantined as `duplicate_id`. Several participants.tsv rows for one id, or
+several sessions.tsv rows for one session, are one row when identical (with a note) and all
+set aside as `duplicate_id` when they differ (then the subject's or session's images too).
+A participant with no image is `missing_file`.
 An image of a subject absent from participants.tsv has no age: it is `bad_age` when ages are
 required, and a row without metadata otherwise (prediction needs only the image).
 Without participants.tsv the folder is accepted only when ages are not required.
@@ -25,7 +28,9 @@ All kinds: "n/a" (and empty cells) are missing; "89+" is age 89.0 with ``age_cen
 sex "m"/"male"/"f"/"female" become "M"/"F". An image whose real path (symlinks and ".."
 resolved) leaves the cohort root is `outside_root` unless ``allow_outside_root``. Row
 problems become :class:`QuarantineEntry` records, never exceptions: a repeated
-participant_id + session (`duplicate_id`, the first row in table order is kept), an age that
+participant_id + session (`duplicate_id`: rows that differ in any cell are ALL set aside,
+since nothing says which one is right; identical rows collapse to one, with a note in
+:attr:`Cohort.notes`), an age that
 is not a number, negative or >= 150 (`bad_age`, whether or not ages are required), a missing
 age when ages are required (`bad_age`), an image that does not exist (`missing_file`).
 The whole table is refused with :class:`InputError` when it cannot be read, lacks a required
@@ -90,22 +95,36 @@ class _Collector:
         self.require_age = require_age
         self.rows: list[CohortRow] = []
         self.quarantine: list[QuarantineEntry] = []
-        self.first_seen: dict[tuple[str, str | None], str] = {}
+        self.notes: list[str] = []
 
     def reject(self, pid: str, source: str, category: str, message: str) -> None:
         self.quarantine.append(QuarantineEntry(pid, source, category, message))
 
-    def claim(self, pid: str, session: str | None, source: str, where: str) -> bool:
-        """Reserve the key; a repeated key is quarantined as `duplicate_id` (False)."""
-        key = (pid, session)
-        if key in self.first_seen:
-            name = pid if session is None else f"{pid}/{session}"
-            self.reject(pid, source, "duplicate_id", f"{where}: {name} appears again (first at "
-                                                     f"{_row_label(self.first_seen[key])}); kept "
-                                                     "the first")
-            return False
-        self.first_seen[key] = where
-        return True
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+
+    def one_of(self, pid: str, session: str | None, group: list[tuple[str, dict]],
+               sources: list[str]) -> bool:
+        """Resolve the table rows of one key: True to go on with the first (identical rows,
+        noted), False when they conflict (every row is quarantined as `duplicate_id`)."""
+        if len(group) == 1:
+            return True
+        name = pid if session is None else f"{pid}/{session}"
+        lines = ", ".join(_row_label(where) for where, _ in group)
+        first = group[0][1]
+        differ = sorted({k for _, cells in group[1:] for k in set(cells) | set(first)
+                         if cells.get(k) != first.get(k)})
+        if not differ:
+            self.note(f"{group[0][0]}: {len(group)} identical rows of {name} ({lines}); "
+                      "kept one")
+            return True
+        values = "; ".join(f"{k} " + " / ".join(str(c.get(k)) for _, c in group)
+                           for k in differ)
+        for (where, _), source in zip(group, sources):
+            self.reject(pid, source, "duplicate_id",
+                        f"{where}: {name} has {len(group)} rows ({lines}) that differ in "
+                        f"{values}; all set aside (the table must say which is right)")
+        return False
 
     def age(self, pid: str, text: str | None, source: str, where: str,
             ) -> tuple[bool, float | None, bool]:
@@ -136,7 +155,8 @@ class _Collector:
         rows = sorted(self.rows, key=lambda r: (r.participant_id, r.session or ""))
         quarantine = sorted(self.quarantine,
                             key=lambda q: (q.participant_id, q.source, q.category))
-        return Cohort(root=self.root, kind=kind, rows=tuple(rows), quarantine=tuple(quarantine))
+        return Cohort(root=self.root, kind=kind, rows=tuple(rows), quarantine=tuple(quarantine),
+                      notes=tuple(self.notes))
 
 
 def _row_label(where: str) -> str:
@@ -168,17 +188,17 @@ def _read_manifest(path: Path, allow_outside_root: bool, require_age: bool) -> C
         raise InputError(f"{e} (for a BIDS dataset pass its folder)") from None
     root = Path(os.path.realpath(path.parent))
     out = _Collector(root, allow_outside_root, require_age)
+    groups: dict[tuple[str, str | None], list[tuple[str, dict]]] = {}
     for where, cells in table.rows:
-        pid = _pid(cells, where)
-        session = cells.get("session")
-        split = parse_split(cells.get("split"), where)
-        given = cells.get("path")
-        image = None if given is None else root / given  # an absolute `given` stays absolute
-        if image is not None and ".." in image.parts:
-            image = Path(os.path.realpath(image))
-        source = str(image) if image is not None else where
-        if not out.claim(pid, session, source, where):
+        groups.setdefault((_pid(cells, where), cells.get("session")), []).append((where, cells))
+    for (pid, session), group in groups.items():
+        images = [_manifest_image(root, cells) for _, cells in group]
+        sources = [str(im) if im is not None else where
+                   for im, (where, _) in zip(images, group)]
+        if not out.one_of(pid, session, group, sources):
             continue
+        (where, cells), image, source = group[0], images[0], sources[0]
+        split = parse_split(cells.get("split"), where)
         ok, age, censored = out.age(pid, cells.get("age"), source, where)
         if not ok:
             continue
@@ -192,6 +212,15 @@ def _read_manifest(path: Path, allow_outside_root: bool, require_age: bool) -> C
             sex=parse_sex(cells.get("sex")), site=cells.get("site"), split=split,
             extra=_extra(cells, _MANIFEST_COLUMNS)))
     return out.cohort("manifest")
+
+
+def _manifest_image(root: Path, cells: dict[str, str | None]) -> Path | None:
+    """The image path of a manifest row (relative paths resolve against ``root``)."""
+    given = cells.get("path")
+    image = None if given is None else root / given  # an absolute `given` stays absolute
+    if image is not None and ".." in image.parts:
+        image = Path(os.path.realpath(image))
+    return image
 
 
 # -------------------------------------------------------------------------------------- BIDS
@@ -211,16 +240,23 @@ def _bids_images(root: Path) -> dict[str, dict[str | None, list[Path]]]:
     return found
 
 
-def _session_ages(root: Path, pid: str) -> dict[str, tuple[str, str | None]]:
-    """session_id -> (where, age text) from sub-X/sub-X_sessions.tsv, when it has both columns."""
+def _session_ages(root: Path, pid: str, out: _Collector
+                  ) -> dict[str, tuple[str, str | None] | None]:
+    """session_id -> (where, age text) from sub-X/sub-X_sessions.tsv, when it has both columns;
+    None for a session whose rows conflict (quarantined by :meth:`_Collector.one_of`)."""
     path = root / pid / f"{pid}_sessions.tsv"
     if not path.is_file():
         return {}
     table = read_table(path, known=("session_id", "age"))
     if "session_id" not in table.columns or "age" not in table.columns:
         return {}
-    return {cells["session_id"]: (where, cells["age"])
-            for where, cells in table.rows if cells.get("session_id") is not None}
+    groups: dict[str, list[tuple[str, dict]]] = {}
+    for where, cells in table.rows:
+        if cells.get("session_id") is not None:
+            groups.setdefault(cells["session_id"], []).append((where, cells))
+    return {ses: (group[0][0], group[0][1]["age"])
+            if out.one_of(pid, ses, group, [where for where, _ in group]) else None
+            for ses, group in groups.items()}
 
 
 def _read_bids(root: Path, allow_outside_root: bool, require_age: bool) -> Cohort:
@@ -242,25 +278,41 @@ def _read_bids(root: Path, allow_outside_root: bool, require_age: bool) -> Cohor
                          f"{', '.join(table.columns)}")
     out = _Collector(Path(os.path.realpath(root)), allow_outside_root, require_age)
     meta: dict[str, tuple[str, dict[str, str | None]]] = {}
+    groups: dict[str, list[tuple[str, dict]]] = {}
     for where, cells in table.rows:
         pid = _pid(cells, where)
         pid = pid if pid.startswith("sub-") else f"sub-{pid}"
-        if pid in meta:
-            out.reject(pid, where, "duplicate_id", f"{where}: {pid} appears again (first at "
-                                                   f"{_row_label(meta[pid][0])}); kept the first")
-            continue
-        meta[pid] = (where, cells)
+        groups.setdefault(pid, []).append((where, cells))
         parse_split(cells.get("split"), where)  # refuse a bad split before any row is built
+    conflicted = set()
+    for pid, group in groups.items():
+        if out.one_of(pid, None, group, [where for where, _ in group]):
+            meta[pid] = group[0]
+        else:
+            conflicted.add(pid)
     for pid in sorted(set(meta) | set(images)):
+        if pid in conflicted:
+            for paths in images.get(pid, {}).values():
+                for p in paths:
+                    out.reject(pid, str(out.root / p.relative_to(root)), "duplicate_id",
+                               f"{pid} has conflicting rows in participants.tsv: image set "
+                               "aside with them")
+            continue
         where, cells = meta.get(pid, (f"{pid} (not in participants.tsv)", {}))
         sessions = images.get(pid)
         if not sessions:
             out.reject(pid, str(out.root / pid), "missing_file",
                        f"{where}: no {pid}/[ses-*/]anat/*_T1w.nii[.gz] image")
             continue
-        ses_ages = _session_ages(root, pid)
+        ses_ages = _session_ages(root, pid, out)
         for session, paths in sorted(sessions.items(), key=lambda kv: kv[0] or ""):
             image = out.root / paths[0].relative_to(root)
+            if session in ses_ages and ses_ages[session] is None:
+                for p in paths:
+                    out.reject(pid, str(out.root / p.relative_to(root)), "duplicate_id",
+                               f"{pid}/{session} has conflicting rows in its sessions.tsv: "
+                               "image set aside with them")
+                continue
             for other in paths[1:]:
                 other = out.root / other.relative_to(root)
                 name = pid if session is None else f"{pid}/{session}"

@@ -14,12 +14,18 @@ head pose (rotation SD 2 deg per axis, translation SD 2 mm), bias field, Rician 
 site's SNR (20-40), site gain/offset/contrast/blur; ventricle multiplier log-normal (CV 45 %,
 clipped to [0.3, 3]) times 1.25 for men. With ``quirks``, a quarter of the ages are whole
 years (age at last birthday); ages >= 89 are written "89+" (BIDS).
+
+Anatomy (``anatomy``, on by default): each subject's aged tissue maps are deformed by its own
+smooth, volume-preserving random warp (``rankcore.mri.anatomy``, RMS ``warp_sd_mm`` per axis,
+nodes every 30 mm), the variability an affine registration cannot remove. The warp is drawn
+from the subject's own seed, independently of its age; with ``anatomy`` off the images are
+exactly those of a simulator without it.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +34,8 @@ import numpy as np
 
 from rankcore.errors import InputError
 from rankcore.mri.ageing import AgedTissue, age_tissue
-from rankcore.mri.mni import template_maps
+from rankcore.mri.anatomy import check_warp_sd, sample_warp, warp_maps
+from rankcore.mri.mni import TemplateMaps, template_maps
 from rankcore.mri.scanner import (
     acquire,
     axis_angle_matrix,
@@ -55,6 +62,8 @@ _MALE_HEAD_SCALE = 1.02  # and 0.98 for women: 4 % apart
 _ROTATION_SD_DEG = 2.0
 _TRANSLATION_SD_MM = 2.0
 _CENSOR_AGE = 89.0  # BIDS writes ages >= 89 as "89+"
+# Zero voxels kept around a warped brain (>= the site blur's reach at 1 mm spacing).
+_CROP_MARGIN = 4
 
 
 @dataclass(frozen=True)
@@ -70,6 +79,9 @@ class SimulationConfig:
         sigma_delta: SD (years) of brain age around chronological age.
         quirks: vary orientation, grid, dtype, extension and age precision between files.
         corrupt: number of extra, deliberately broken files (quarantine demo).
+        anatomy: deform each subject's anatomy by its own smooth random warp.
+        warp_sd_mm: RMS displacement per axis of that warp over the brain (mm, 0-4); only
+            used with ``anatomy``.
     """
 
     subjects: int = 200
@@ -80,6 +92,8 @@ class SimulationConfig:
     sigma_delta: float = 2.5
     quirks: bool = True
     corrupt: int = 0
+    anatomy: bool = True
+    warp_sd_mm: float = 2.5
 
     def __post_init__(self) -> None:
         for name, low in (("subjects", 1), ("seed", 0), ("sites", 1), ("corrupt", 0)):
@@ -103,8 +117,10 @@ class SimulationConfig:
                 and 0 <= self.sigma_delta <= 20):
             raise InputError(f"`sigma_delta` must be a number of years in [0, 20], "
                              f"got {self.sigma_delta!r}")
-        if not isinstance(self.quirks, bool):
-            raise InputError(f"`quirks` must be True or False, got {self.quirks!r}")
+        for name in ("quirks", "anatomy"):
+            if not isinstance(getattr(self, name), bool):
+                raise InputError(f"`{name}` must be True or False, got {getattr(self, name)!r}")
+        object.__setattr__(self, "warp_sd_mm", check_warp_sd(self.warp_sd_mm))
         object.__setattr__(self, "spacing", float(self.spacing))
         object.__setattr__(self, "age_range", (lo, hi))
         object.__setattr__(self, "sigma_delta", float(self.sigma_delta))
@@ -150,6 +166,8 @@ class SubjectParams:
     grid: str
     dtype: str
     extension: str
+    warp_sd_mm: float = 0.0    # RMS displacement of the anatomy warp (mm); 0 = template anatomy
+    warp_seed: int = 0
 
     @property
     def relpath(self) -> Path:
@@ -194,6 +212,7 @@ def sample_subject(config: SimulationConfig, index: int) -> SubjectParams:
     axis = tuple(float(a) for a in axis / np.linalg.norm(axis))
     angle = float(rng.uniform(8.0, 20.0))
     noise_seed = int(rng.integers(2**63))
+    warp_seed = int(rng.integers(2**63))  # drawn even without anatomy: later draws stay put
 
     seed, q = config.seed, config.quirks
     site_index = int(_balanced(seed, _SITE_STREAM, index, tuple(range(config.sites))))
@@ -219,6 +238,7 @@ def sample_subject(config: SimulationConfig, index: int) -> SubjectParams:
         grid=_balanced(seed, _GRID_STREAM, index, _GRID_PLAN) if q else "iso",
         dtype=_balanced(seed, _DTYPE_STREAM, index, _DTYPE_PLAN) if q else "float32",
         extension=_balanced(seed, _EXT_STREAM, index, _EXTENSION_PLAN) if q else ".nii.gz",
+        warp_sd_mm=config.warp_sd_mm if config.anatomy else 0.0, warp_seed=warp_seed,
     )
 
 
@@ -226,24 +246,59 @@ def render_subject(params: SubjectParams, spacing: float = 2.0,
                    ) -> tuple[nib.Nifti1Image, AgedTissue, tuple[float, float, float]]:
     """Make the NIfTI image of ``params`` (deterministic); return (image, AgedTissue, voxel mm).
 
-    The tissue volumes of the returned AgedTissue are in template space; multiply by
-    ``params.head_scale ** 3`` for the subject's own volumes.
+    The returned AgedTissue holds the maps that were rendered (warped when
+    ``params.warp_sd_mm > 0``, on the warp's padded grid) and their volumes in template space;
+    multiply by ``params.head_scale ** 3`` for the subject's own volumes.
     """
     tpl = template_maps(spacing)
     site = site_profile(params.site_index)
-    tissue = age_tissue(tpl, params.brain_age, params.ventricle_multiplier)
+    tissue, mask, affine, corners = subject_anatomy(tpl, params)
     t1 = t1_contrast(tissue.gm, tissue.wm, tissue.csf, site, tpl.spacing)
     pose = head_pose(tpl.brain_centre, params.head_scale, np.array(params.rotation_deg),
                      np.array(params.translation_mm))
-    corners = tpl.brain_corners @ pose[:3, :3].T + pose[:3, 3]
+    corners = corners @ pose[:3, :3].T + pose[:3, 3]
     s = tpl.spacing
     voxel = {"iso": (s, s, s), "oblique": (s, s, s), "fine": (0.75 * s,) * 3,
              "aniso": (0.6 * s, 0.6 * s, s)}[params.grid]
     rot = (axis_angle_matrix(np.array(params.grid_axis), params.grid_angle_deg)
            if params.grid == "oblique" else None)
     out_affine, out_shape = output_grid(corners, voxel, rot)
-    image = acquire(t1, tpl.mask, tpl.affine, pose, out_affine, out_shape,
+    image = acquire(t1, mask, affine, pose, out_affine, out_shape,
                     centre=tpl.brain_centre, site=site, snr=params.snr,
                     bias_coeffs=np.array(params.bias_coeffs), noise_seed=params.noise_seed)
     img = to_nifti(image, out_affine, orientation=params.orientation, dtype=params.dtype)
     return img, tissue, voxel
+
+
+def subject_anatomy(template: TemplateMaps, params: SubjectParams,
+                    ) -> tuple[AgedTissue, np.ndarray, np.ndarray, np.ndarray]:
+    """The subject's aged, warped tissue: (AgedTissue, brain mask, grid affine, box corners).
+
+    Without a warp (``params.warp_sd_mm == 0``) these are the aged template maps on the
+    template grid, ``template.mask``, ``template.affine`` and ``template.brain_corners``.
+    With one, the maps, mask and volumes are those of the warped brain, on the warp's padded
+    grid cropped to the warped brain plus a margin of ``_CROP_MARGIN`` voxels, and the
+    corners are those of the warped brain's bounding box.
+    """
+    tissue = age_tissue(template, params.brain_age, params.ventricle_multiplier)
+    if params.warp_sd_mm == 0.0:
+        return tissue, template.mask, template.affine, template.brain_corners
+    warp = sample_warp(template, params.warp_seed, params.warp_sd_mm)
+    maps = warp_maps(warp, template.mask, tissue.gm, tissue.wm, tissue.ventricles)
+    # Crop to the warped brain: a smaller grid to blur, and a tight field of view.
+    nonzero = np.argwhere(maps[0] > 0)
+    lo, hi = nonzero.min(axis=0), nonzero.max(axis=0)
+    crop = tuple(slice(max(int(a) - _CROP_MARGIN, 0), int(b) + _CROP_MARGIN + 1)
+                 for a, b in zip(lo, hi))
+    mask, gm, wm, ventricles = (np.ascontiguousarray(m[crop]) for m in maps)
+    affine = warp.affine.copy()
+    affine[:3, 3] += affine[:3, :3] @ np.array([c.start for c in crop])
+    box = warp.affine[:3, :3] @ np.stack([lo, hi]).T + warp.affine[:3, 3:4]  # (3, 2) world mm
+    corners = np.array([[x, y, z] for x in box[0] for y in box[1] for z in box[2]])
+    csf = np.maximum(mask - gm - wm, np.float32(0.0))
+    ml = template.voxel_ml
+    warped = replace(tissue, gm=gm, wm=wm, csf=csf, ventricles=ventricles,
+                     gm_ml=float(gm.sum()) * ml, wm_ml=float(wm.sum()) * ml,
+                     csf_ml=float(csf.sum()) * ml, ventricle_ml=float(ventricles.sum()) * ml,
+                     warp_sd_mm=warp.sd_mm, warp_max_mm=warp.max_mm)
+    return warped, mask, affine, corners

@@ -31,15 +31,14 @@ The steps, each recorded in words in :attr:`PreprocessedVolume.actions`:
    is computed, and point by point only inside the mask: everything else is 0 after step 5.
 5. Normalise: z-score with the mean and standard deviation inside the mask on the output grid;
    0 outside the mask. float32 throughout (no float64 copy of a volume).
+6. With ``config.tissue``: :func:`rankcore.mri.tissue.tissue_of_output` bias-corrects the
+   volume (N4), aligns the MNI template, classifies GM/WM/CSF and computes the tissue
+   features; the volume is then z-scored again after the bias correction. Raises
+   QuarantineError `tissue_failed` when the classification cannot be trusted.
 
 Features: ``brain_volume_ml`` (mask volume on the anti-aliased source grid, so not reduced by
 cropping) and ``p01``/``p50``/``p99`` of the source intensities (after ``scl_slope``/
 ``scl_inter``, before normalisation) inside that mask, from a strided sample of ~32k voxels.
-
-Cost after loading, one core (CPU time on a shared 2-core machine, simulated skull-stripped
-heads): 2 mm grids (0.7-1.5 M voxels) ~6-9 ms, 1.2-1.5 mm grids ~8-14 ms, oblique 2 mm
-grids ~13-17 ms, a 1 mm 182x218x182 volume ~18 ms; a whole-head (not skull-stripped) input
-adds ~10-15 ms for its voxel-level labelling.
 """
 
 from __future__ import annotations
@@ -49,9 +48,9 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from scipy import ndimage
 
 from rankcore.errors import InputError, QuarantineError, ShapeError
+from rankcore.mri.antialias import _antialias_note, _block_average, _smooth
 from rankcore.mri.brainmask import (
     block_shape,
     brain_mask,
@@ -80,66 +79,6 @@ def _mm(v: float) -> str:
     """Format a length in mm as in "1.0", "1.25", "0.94"."""
     s = f"{v:.2f}".rstrip("0")
     return s + "0" if s.endswith(".") else s
-
-
-def _block_average(data: np.ndarray, affine: np.ndarray, spacing: float,
-                   ) -> tuple[np.ndarray, np.ndarray, list[int], list[float]]:
-    """Average k-voxel blocks along each axis whose voxels are k or more times finer.
-
-    Returns:
-        (data, its affine, block sizes k per axis, residual Gaussian sigmas in voxels of the
-        block grid: 0 where the remaining factor is at most 1.1). ``data`` itself comes back
-        (not a copy) when no axis is averaged.
-    """
-    voxel = np.linalg.norm(affine[:3, :3], axis=0)
-    factors = spacing / voxel
-    ks = [max(1, math.floor(f + 1e-6)) for f in factors]
-    if max(ks) > 1:
-        for axis, k in enumerate(ks):
-            if k == 1:
-                continue
-            n = data.shape[axis] // k
-            parts = []
-            for j in range(k):
-                take = [slice(None)] * 3
-                take[axis] = slice(j, n * k, k)
-                parts.append(data[tuple(take)])
-            acc = np.add(parts[0], parts[1], dtype=np.float32)  # a new array, 1/k the size
-            for part in parts[2:]:
-                acc += part
-            data = acc
-        data *= np.float32(1.0 / np.prod(ks))
-        # block voxel j covers source voxels k*j .. k*j+k-1: its centre is at k*j + (k-1)/2
-        block = np.diag([*ks, 1]).astype(np.float64)
-        block[:3, 3] = [(k - 1) / 2 for k in ks]
-        affine = affine @ block
-    sigmas = [math.sqrt((r * r - 1) / 12) if r > 1.1 else 0.0
-              for r in (f / k for f, k in zip(factors, ks))]
-    return data, affine, ks, sigmas
-
-
-def _antialias_note(ks: list[int], sigmas: list[float]) -> str:
-    notes = []
-    if max(ks) > 1:
-        notes.append(f"block average {'x'.join(map(str, ks))}")
-    if any(sigmas):
-        notes.append("gaussian sigma " + "/".join(f"{s:.2f}" for s in sigmas) + " vox")
-    return ", ".join(notes)
-
-
-def _smooth(data: np.ndarray, sigmas: list[float]) -> np.ndarray:
-    """The residual Gaussian of step 1 as a filter (for the point-by-point path)."""
-    if not any(sigmas):
-        return data
-    return ndimage.gaussian_filter(np.asarray(data, dtype=np.float32), sigmas, mode="nearest",
-                                   truncate=3.0, output=np.float32)
-
-
-def _antialias(data: np.ndarray, affine: np.ndarray, spacing: float,
-               ) -> tuple[np.ndarray, np.ndarray, str]:
-    """Low-pass along the axes that will be downsampled; returns data, its affine, a note."""
-    data, affine, ks, sigmas = _block_average(data, affine, spacing)
-    return _smooth(data, sigmas), affine, _antialias_note(ks, sigmas)
 
 
 def _axis_positions(m: np.ndarray, shape: tuple[int, ...], perm: tuple[int, ...],
@@ -365,6 +304,15 @@ def _preprocess(data: np.ndarray, affine: np.ndarray, config: PreprocessConfig, 
                         out=out[where].transpose(np.argsort(to_output)))
     how = ("skull-stripped: voxels above the constant background" if rule == "background"
            else f"not skull-stripped: voxels above Otsu threshold {threshold:.4g}")
+    tissue = None
+    if config.tissue:  # bias correction, then the stored volume is z-scored again
+        from rankcore.mri.tissue import tissue_of_output
+
+        full = np.zeros(shape, dtype=bool)
+        full[where] = mask_o.transpose(to_output)
+        tissue = tissue_of_output(out, full, mean, sd, out_affine, config, source)
+        actions.append(tissue.summary)
+        how += "; after N4 bias correction"
     actions.append(f"normalised: z-score inside the brain mask ({how}; mean {mean:.4g}, "
                    f"sd {sd:.4g})")
     in_mask = values[mask.reshape(-1)[::stride]]
@@ -376,6 +324,9 @@ def _preprocess(data: np.ndarray, affine: np.ndarray, config: PreprocessConfig, 
         source_orientation=src_orient, source_spacing=src_spacing, source_shape=src_shape,
         actions=actions,
         features={"brain_volume_ml": n_mask * voxel_ml, "p01": p01, "p50": p50, "p99": p99},
+        tissue=None if tissue is None else tissue.probabilities,
+        tissue_features=None if tissue is None else tissue.features,
+        tissue_seconds=None if tissue is None else tissue.seconds,
     )
 
 
@@ -441,5 +392,9 @@ def describe(pv: PreprocessedVolume) -> str:
     src_shape = "x".join(map(str, pv.source_shape))
     out_shape = "x".join(map(str, pv.data.shape))
     vol = pv.features.get("brain_volume_ml", float("nan"))
-    return (f"src {pv.source_orientation} {src_sp}mm {src_shape} -> RAS {_mm(pv.spacing[0])}mm "
+    line = (f"src {pv.source_orientation} {src_sp}mm {src_shape} -> RAS {_mm(pv.spacing[0])}mm "
             f"{out_shape}; {', '.join(verbs) or 'copied'}; brain {vol:.0f} ml")
+    if pv.tissue_seconds:
+        line += "; tissue CPU s " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                             pv.tissue_seconds.items())
+    return line

@@ -6,7 +6,9 @@ Each subject i has chronological age ``age`` (uniform over ``age_range``) and br
 subject multiplier), then scanned (``rankcore.mri.scanner``) with nuisances a good model must
 ignore (head size and pose, bias field, noise, site effects) and, with ``quirks``, file quirks
 (orientation, voxel grid, dtype with scl_slope, .nii/.nii.gz) that ingest must handle; see
-``rankcore.mri.phantom``. Subject i's file is byte-identical whatever the number of subjects.
+``rankcore.mri.phantom``. With ``anatomy`` (the default) each brain is also deformed by its
+own smooth, volume-preserving warp (``rankcore.mri.anatomy``). Subject i's file is
+byte-identical whatever the number of subjects.
 
 Layout written under OUT_DIR::
 
@@ -14,8 +16,9 @@ Layout written under OUT_DIR::
     participants.json, sub-XXXX/anat/sub-XXXX_T1w.nii[.gz],
     derivatives/simulation/{dataset_description.json, simulation.json, truth.tsv}
 
-``truth.tsv`` (true brain age, nuisance values, tissue volumes, expected quarantine category
-of the broken files) is for reporting only: no training or evaluation code reads it, except
+``truth.tsv`` (true brain age, nuisance values, tissue volumes as rendered, i.e. after the
+anatomy warp, the warp's RMS and largest displacement in mm, expected quarantine category of
+the broken files) is for reporting only: no training or evaluation code reads it, except
 through ``irreducible_floor`` (the MAE of a perfect brain-age model) that evaluation may print.
 """
 
@@ -52,7 +55,7 @@ __all__ = ["TRUTH_RELPATH", "SimulationConfig", "SubjectParams", "irreducible_fl
 logger = logging.getLogger("rankcore.mri.simulate")
 
 #: Bumped whenever the simulator's output changes for the same config.
-SIMULATOR_VERSION = "1"
+SIMULATOR_VERSION = "2"
 TRUTH_RELPATH = Path("derivatives") / "simulation" / "truth.tsv"
 _STATE_RELPATH = Path("derivatives") / "simulation" / "simulation.json"
 
@@ -72,6 +75,7 @@ def _truth_row(params: SubjectParams, tissue: AgedTissue, voxel: tuple[float, ..
         "ventricle_multiplier": _fmt(params.ventricle_multiplier),
         "gm_ml": _fmt(tissue.gm_ml * v, 1), "wm_ml": _fmt(tissue.wm_ml * v, 1),
         "csf_ml": _fmt(tissue.csf_ml * v, 1), "ventricle_ml": _fmt(tissue.ventricle_ml * v, 2),
+        "warp_sd_mm": _fmt(tissue.warp_sd_mm, 3), "warp_max_mm": _fmt(tissue.warp_max_mm, 3),
         "snr": _fmt(params.snr, 2),
         "rotation_deg": ",".join(_fmt(a, 3) for a in params.rotation_deg),
         "translation_mm": ",".join(_fmt(a, 3) for a in params.translation_mm),
@@ -172,7 +176,8 @@ def _dataset_description(cfg: SimulationConfig) -> dict[str, Any]:
 def simulate_cohort(out_dir: str | os.PathLike, subjects: int = 200, seed: int = 0, *,
                     spacing: float = 2.0, age_range: tuple[float, float] = (20.0, 85.0),
                     sites: int = 3, sigma_delta: float = 2.5, quirks: bool = True,
-                    corrupt: int = 0, workers: int = 1) -> Path:
+                    corrupt: int = 0, workers: int = 1, anatomy: bool = True,
+                    warp_sd_mm: float = 2.5) -> Path:
     """Write a simulated BIDS-style cohort into ``out_dir`` and return ``out_dir``.
 
     Idempotent: rerunning with the same parameters on a complete simulation returns at once;
@@ -186,12 +191,16 @@ def simulate_cohort(out_dir: str | os.PathLike, subjects: int = 200, seed: int =
         sites: number of scanners; sigma_delta: SD (years) of brain age - age.
         quirks: vary file orientation, grid, dtype and extension; corrupt: extra broken files.
         workers: threads to use (output does not depend on it).
+        anatomy: deform each subject's anatomy by its own smooth random warp (the truth
+            table records the warped volumes and the warp's size); warp_sd_mm: its RMS
+            displacement per axis (mm).
 
     Returns:
         ``Path(out_dir)``.
     """
     cfg = SimulationConfig(subjects=subjects, seed=seed, spacing=spacing, age_range=age_range,
-                           sites=sites, sigma_delta=sigma_delta, quirks=quirks, corrupt=corrupt)
+                           sites=sites, sigma_delta=sigma_delta, quirks=quirks, corrupt=corrupt,
+                           anatomy=anatomy, warp_sd_mm=warp_sd_mm)
     if isinstance(workers, bool) or not isinstance(workers, int | np.integer) or workers < 1:
         raise InputError(f"`workers` must be an integer >= 1, got {workers!r}")
     out = Path(out_dir)

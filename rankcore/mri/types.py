@@ -27,6 +27,7 @@ QUARANTINE_CATEGORIES = (
     "wrong_dims",     # not 3-D, and not 4-D with a single volume
     "nonfinite",      # NaN or inf voxels
     "empty",          # constant image or no brain found
+    "tissue_failed",  # tissue classification untrustworthy (not a skull-stripped T1 brain)
 )
 
 Split = Literal["train", "val", "test"]
@@ -75,12 +76,17 @@ class CohortRow:
 
 @dataclass(frozen=True)
 class Cohort:
-    """A parsed cohort: the usable rows, the rows set aside, and where it came from."""
+    """A parsed cohort: the usable rows, the rows set aside, and where it came from.
+
+    ``notes`` are things a reader should know that set nothing aside (identical repeated
+    rows collapsed to one).
+    """
 
     root: Path
     kind: Literal["bids", "manifest", "image", "images"]
     rows: tuple[CohortRow, ...]
     quarantine: tuple[QuarantineEntry, ...] = ()
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,16 @@ class PreprocessConfig:
         normalise: intensity normalisation; "zscore_brain" = z-score inside a brain mask.
         dtype: storage dtype of the preprocessed volume in the cache.
         max_voxels: headers promising more voxels than this are refused (`too_large`).
+        tissue: measure tissue (rankcore.mri.tissue): N4 bias correction (the stored volume
+            is then z-scored after it), affine alignment to the MNI template, GM/WM/CSF
+            probability channels and tissue features; scans it fails on are quarantined
+            (`tissue_failed`).
+        tissue_method: names the tissue algorithm (part of the digest, so that a cache
+            written by another algorithm is never mixed in).
+        bias_shrink_mm: voxel size (mm) of the copy N4 fits the bias field on.
+        register_mm: voxel size (mm) of the grids the affine registration runs on.
+        tissue_prior_floor: weight in [0, 1) of a uniform prior mixed into the template's
+            tissue priors (0: the template alone decides where each class may be).
     """
 
     spacing: float = 2.0
@@ -100,6 +116,11 @@ class PreprocessConfig:
     normalise: Literal["zscore_brain"] = "zscore_brain"
     dtype: Literal["float16", "float32"] = "float16"
     max_voxels: int = 512 * 512 * 512
+    tissue: bool = True
+    tissue_method: Literal["n4-mni-pvem-1"] = "n4-mni-pvem-1"
+    bias_shrink_mm: float = 6.0
+    register_mm: float = 4.0
+    tissue_prior_floor: float = 0.1
 
     def __post_init__(self) -> None:
         if not (isinstance(self.spacing, int | float) and np.isfinite(self.spacing)
@@ -110,6 +131,20 @@ class PreprocessConfig:
             raise InputError(f"`shape` must be three positive integers, got {self.shape!r}")
         object.__setattr__(self, "shape", tuple(int(s) for s in shape))
         object.__setattr__(self, "spacing", float(self.spacing))
+        if not isinstance(self.tissue, bool):
+            raise InputError(f"`tissue` must be true or false, got {self.tissue!r}")
+        if self.tissue_method != "n4-mni-pvem-1":
+            raise InputError(f"`tissue_method` must be 'n4-mni-pvem-1', got "
+                             f"{self.tissue_method!r}")
+        for name in ("bias_shrink_mm", "register_mm"):
+            v = getattr(self, name)
+            if not (isinstance(v, int | float) and 1.0 <= v <= 12.0):
+                raise InputError(f"`{name}` must be a number of mm in [1, 12], got {v!r}")
+            object.__setattr__(self, name, float(v))
+        f = self.tissue_prior_floor
+        if not (isinstance(f, int | float) and 0.0 <= f < 1.0):
+            raise InputError(f"`tissue_prior_floor` must be in [0, 1), got {f!r}")
+        object.__setattr__(self, "tissue_prior_floor", float(f))
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -135,6 +170,11 @@ class PreprocessedVolume:
         source_shape: voxel grid of the source image.
         actions: human-readable steps taken ("reoriented LAS->RAS", "resampled 1.0mm->2.0mm").
         features: scalar features (brain_volume_ml, p01, p50, p99 of source intensities).
+        tissue: float32 (3, X, Y, Z) GM, WM, CSF probabilities, or None (``config.tissue``
+            off).
+        tissue_features: float64 (len(rankcore.mri.tissue.TISSUE_FEATURES),), or None.
+        tissue_seconds: CPU seconds of the tissue steps ("bias", "register", "em",
+            "features"), for logs and benchmarks (not cached), or None.
     """
 
     data: np.ndarray
@@ -145,3 +185,6 @@ class PreprocessedVolume:
     source_shape: tuple[int, ...]
     actions: list[str] = field(default_factory=list)
     features: dict[str, float] = field(default_factory=dict)
+    tissue: np.ndarray | None = None
+    tissue_features: np.ndarray | None = None
+    tissue_seconds: dict[str, float] | None = None

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from rankcore._io import remove_leftovers
 from rankcore.bias import BiasCorrection, fit_bias_correction
 from rankcore.conformal import interval_coverage, load_interval
 from rankcore.errors import InputError
@@ -83,6 +84,8 @@ def _open_model_cache(cache_dir: str | Path, config: Any) -> Any:
     from rankcore.cache import open_cache
     from rankcore.cache.layout import CacheLayout, read_config
 
+    if CacheLayout.for_config(Path(cache_dir), config).manifest_path.is_file():
+        return open_cache(cache_dir, config)  # the model's config is there: its own errors
     try:
         return open_cache(cache_dir, config)
     except InputError:
@@ -218,8 +221,11 @@ def _split_rows(view: Any, card: dict[str, Any], split: str, cache_dir: str) -> 
 
 
 def _setup(model_dir: Path, cache_dir: str | Path, out_dir: Path, split: str,
-           device: str) -> tuple[Any, dict[str, Any], Any, Any, np.ndarray]:
-    """Load and check everything: (cascade, card, config, cache view, rows to evaluate)."""
+           device: str, allow_incomplete_cache: bool = False
+           ) -> tuple[Any, dict[str, Any], Any, Any, np.ndarray, str | None]:
+    """Load and check everything: (cascade, card, config, cache view, rows to evaluate,
+    incomplete-cache warning or None)."""
+    from rankcore.cache import check_complete
     from rankcore.train.cascade import load_cascade
     from rankcore.train.loop import resolve_device
 
@@ -229,24 +235,28 @@ def _setup(model_dir: Path, cache_dir: str | Path, out_dir: Path, split: str,
     cascade, card = load_cascade(model_dir, resolve_device(device))
     config = model_preprocess(card)
     view = _open_model_cache(cache_dir, config)
+    warning = check_complete(cache_dir, config, allow_incomplete=allow_incomplete_cache)
     rows = _split_rows(view, card, split, str(cache_dir))
-    return cascade, card, config, view, rows
+    return cascade, card, config, view, rows, warning
 
 
 def check_evaluation(model_dir: str | Path, cache_dir: str | Path, out_dir: str | Path, *,
-                     split: str = "test", device: str = "cpu") -> int:
+                     split: str = "test", device: str = "cpu",
+                     allow_incomplete_cache: bool = False) -> int:
     """Check the inputs of :func:`evaluate_model` without predicting; return the subject count.
 
     Raises:
         InputError, CheckpointError: as :func:`evaluate_model`.
     """
-    return len(_setup(Path(model_dir), cache_dir, Path(out_dir), split, device)[4])
+    return len(_setup(Path(model_dir), cache_dir, Path(out_dir), split, device,
+                      allow_incomplete_cache)[4])
 
 
 def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | Path, *,
                    split: str = "test", n_boot: int = 1000, seed: int = 0,
                    level: float = 0.95, batch_size: int | None = None, device: str = "cpu",
-                   store_bias: bool = True) -> Evaluation:
+                   store_bias: bool = True, allow_incomplete_cache: bool = False
+                   ) -> Evaluation:
     """Predict every subject of ``split`` once, score them and write the report folder.
 
     Args:
@@ -259,17 +269,21 @@ def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | 
         device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
         store_bias: also store the fitted correction in MODEL_DIR/bias.json (for
             ``predict --bias-correct``); a read-only MODEL_DIR only logs a warning.
+        allow_incomplete_cache: evaluate a cache left by an interrupted ingest (refused
+            otherwise), with a warning.
 
     Returns:
         An :class:`Evaluation`.
 
     Raises:
         InputError: a cache without the model's preprocessing (mismatch), an unknown or empty
-            split, an ``out_dir`` holding something else.
+            split, an ``out_dir`` holding something else, an incomplete cache
+            (:class:`~rankcore.errors.IncompleteCacheError`).
         CheckpointError: an unreadable model folder.
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
-    cascade, card, config, view, rows = _setup(model_dir, cache_dir, out_dir, split, device)
+    cascade, card, config, view, rows, incomplete = _setup(
+        model_dir, cache_dir, out_dir, split, device, allow_incomplete_cache)
     table = view.table
     data = _subjects(cache_dir, config)
     if tuple(data.participant_ids) != tuple(view.keys):
@@ -281,7 +295,7 @@ def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | 
     if len(final) != len(rows):  # every subject exactly once: no padding, no loss
         raise InputError(f"predicted {len(final)} subjects for {len(rows)} rows")
 
-    warnings: list[str] = []
+    warnings: list[str] = [incomplete] if incomplete else []
     correction, bias_source, val_keys = _validation_correction(
         cascade, card, model_dir, cache_dir, view, data, config, batch_size)
     keys = [view.keys[i] for i in rows]
@@ -319,6 +333,7 @@ def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | 
     metrics = json_safe(metrics)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(out_dir)  # of a killed earlier run (the CLI holds the folder's lock)
     tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:

@@ -51,8 +51,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from rankcore._sealed import read_sealed, seal
 from rankcore.conformal import INTERVAL_LEVEL, fit_conformal
-from rankcore.errors import CheckpointError, TrainingError
+from rankcore.errors import CheckpointError, CorruptFileError, TrainingError
 from rankcore.models.cascade import Cascade
 from rankcore.train.card_info import INTENDED_USE, move_records, population, records_dir
 from rankcore.train.cascade_jobs import (
@@ -78,18 +79,28 @@ from rankcore.train.cascade_plan import (
     check_model_dir,
     plan_cascade,
 )
-from rankcore.train.checkpoint import library_versions, load_stage_model
+from rankcore.train.checkpoint import (
+    MODEL_FILE,
+    bind_preprocess,
+    file_sha256,
+    library_versions,
+    load_stage_model,
+    weights_preprocess,
+)
 from rankcore.train.objective import rank_convention
 from rankcore.train.predict import evaluate
 
-__all__ = ["CascadeResult", "Progress", "finish_cascade", "load_cascade", "run_job",
-           "train_cascade"]
+__all__ = ["CascadeResult", "Progress", "finish_cascade", "load_cascade", "read_card",
+           "run_job", "train_cascade"]
 
 log = logging.getLogger("rankcore.train.cascade")
 
 
 CURVES_FILE = "training_curves.png"
 OOF_FILE = "oof.csv"
+#: The files a loaded cascade reads; the card records the sha256 of each.
+BOUND_FILES = ("stage1/model.safetensors", "stage1/card.json", "stage2/model.safetensors",
+               "stage2/card.json")
 
 
 @dataclass(frozen=True)
@@ -116,7 +127,8 @@ class CascadeResult:
 
 def _prune(folder: Path) -> None:
     """Drop the per-epoch checkpoints (optimizer states) of a finished stage folder."""
-    for p in folder.glob("epoch-*"):
+    # ".epoch-*" are temporary epoch folders left by a process killed while writing one.
+    for p in (*folder.glob("epoch-*"), *folder.glob(".epoch-*")):
         shutil.rmtree(p, ignore_errors=True)
     (folder / "latest.json").unlink(missing_ok=True)
 
@@ -221,15 +233,22 @@ def finish_cascade(plan: CascadePlan) -> CascadeResult:
     card = _build_card(plan, staging)
     for job in plan.jobs:
         _prune(stage_dir(plan, job))
+    # Ids out of the model folder before the checksums: the stage cards lose their id lists.
+    records = Path(f"{plan.staging_dir}{Path(card['records']).suffix}")
+    move_records(staging, records, plan.split, plan.folds, plan.training_key)
     plot_training_curves({job: s["history"] for job, s in card["stages"].items()},
                          staging / CURVES_FILE, title=f"cascade {model_dir.name}")
+    # Bind the weights to their preprocessing, then let the card's checksum cover the weights.
+    for job in ("stage1", "stage2"):
+        bind_preprocess(staging / job, plan.preprocess, plan.preproc_digest)
+    card["files_sha256"] = {rel: file_sha256(staging / rel) for rel in BOUND_FILES}
+    card = seal(card)
     text = json.dumps(card, indent=2, sort_keys=True, allow_nan=True) + "\n"
     (staging / CARD_FILE).write_text(text)
     if check_model_dir(model_dir, plan.training_key, config, plan.k_folds, plan.data_digest):
         shutil.rmtree(staging, ignore_errors=True)  # a concurrent run finished first
+        shutil.rmtree(records, ignore_errors=True)
         return CascadeResult(model_dir, json.loads((model_dir / CARD_FILE).read_text()), True)
-    records = Path(f"{plan.staging_dir}{Path(card['records']).suffix}")
-    move_records(staging, records, plan.split, plan.folds, plan.training_key)
     if model_dir.exists():
         model_dir.rmdir()  # empty (checked above); rename needs it gone or empty
     os.replace(staging, model_dir)
@@ -366,14 +385,58 @@ def load_cascade(model_dir: str | Path, map_location: str | torch.device = "cpu"
         CheckpointError: not a cascade folder, or its stage files are missing or corrupt.
     """
     model_dir = Path(model_dir)
-    try:
-        card = json.loads((model_dir / CARD_FILE).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"`model_dir` {str(model_dir)!r} holds no readable cascade card: "
-                              f"{err}") from None
+    card = read_card(model_dir)
     if card.get("format") != CARD_FORMAT:
         raise CheckpointError(f"`model_dir` {str(model_dir)!r} is not a brainrank cascade "
                               f"(card format {card.get('format')!r})")
+    _check_files(model_dir, card)
     stage1, _ = load_stage_model(model_dir / "stage1", map_location)
     stage2, _ = load_stage_model(model_dir / "stage2", map_location)
     return Cascade(stage1, stage2).eval(), card
+
+
+def read_card(model_dir: str | Path) -> dict[str, Any]:
+    """The verified card.json of a cascade folder.
+
+    Raises:
+        CheckpointError: missing, unreadable, or changed since it was written (checksum).
+    """
+    path = Path(model_dir) / CARD_FILE
+    try:
+        return read_sealed(path, f"model card {str(path)!r}")
+    except OSError as err:
+        raise CheckpointError(f"`model_dir` {str(model_dir)!r} holds no readable cascade card: "
+                              f"{err}") from None
+    except CorruptFileError as err:
+        raise CheckpointError(str(err)) from None
+
+
+def _check_files(model_dir: Path, card: dict[str, Any]) -> None:
+    """Every bound file matches the card's sha256, and each stage's weights carry the card's
+    preprocessing; CheckpointError naming the file otherwise."""
+    digests = card.get("files_sha256")
+    if not isinstance(digests, dict) or set(digests) != set(BOUND_FILES):
+        raise CheckpointError(f"model card in {str(model_dir)!r} records no digests of its "
+                              "weights (written by an older brainrank): train it again")
+    for rel in BOUND_FILES:
+        path = model_dir / rel
+        if not path.is_file():
+            raise CheckpointError(f"{str(path)!r} is missing from the cascade folder")
+        if file_sha256(path) != digests[rel]:
+            raise CheckpointError(f"{str(path)!r} is corrupt: its sha256 differs from the one "
+                                  "in card.json (changed after training)")
+    stored = card.get("preprocess")
+    wanted = {k: v for k, v in stored.items() if k != "digest"} \
+        if isinstance(stored, dict) else None
+    for job in ("stage1", "stage2"):
+        bound = weights_preprocess(model_dir / job / MODEL_FILE)
+        if bound is None:
+            raise CheckpointError(f"{str(model_dir / job / MODEL_FILE)!r} carries no "
+                                  "preprocessing record: train the model again")
+        config, digest = bound
+        if config != wanted or digest != (stored or {}).get("digest"):
+            raise CheckpointError(
+                f"card.json of {str(model_dir)!r} says the model takes volumes preprocessed "
+                f"as {wanted} (digest {(stored or {}).get('digest')}), but its weights "
+                f"({job}/{MODEL_FILE}) were trained on {config} (digest {digest}): the card "
+                "does not belong to these weights")

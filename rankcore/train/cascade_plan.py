@@ -248,9 +248,11 @@ def check_model_dir(model_dir: Path, key: str, config: TrainConfig, k_folds: int
             raise InputError(f"`model_dir` {str(model_dir)!r} is not empty and holds no cascade "
                              "card: choose another folder")
         return False
+    from rankcore._sealed import read_sealed
+
     try:
-        card = json.loads(card_path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        card = read_sealed(card_path, f"model card {str(card_path)!r}")
+    except (OSError, InputError) as err:
         raise InputError(f"`model_dir` {str(model_dir)!r} has an unreadable card ({err}): "
                          "choose another folder or delete it") from None
     if card.get("format") != CARD_FORMAT:

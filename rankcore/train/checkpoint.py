@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -42,12 +42,15 @@ from rankcore.models.cascade import CascadeConfig, CorrectionRegressor
 
 __all__ = [
     "CARD_FORMAT",
+    "bind_preprocess",
+    "file_sha256",
     "latest_checkpoint",
     "library_versions",
     "load_stage_model",
     "read_checkpoint",
     "save_stage_model",
     "weights_digest",
+    "weights_preprocess",
     "write_checkpoint",
 ]
 
@@ -209,6 +212,54 @@ def save_stage_model(out_dir: Path, model: nn.Module, card: dict[str, Any]) -> N
     full = dict(card, format=CARD_FORMAT, weights_sha256=weights_digest(state))
     _atomic_file(out_dir / MODEL_FILE, lambda p: save_file(state, str(p)))
     _atomic_file(out_dir / CARD_FILE, lambda p: _json_dump(full, p))
+
+
+#: safetensors metadata keys binding a finished stage's weights to its preprocessing.
+PREPROCESS_META = "brainrank.preprocess"
+PREPROCESS_DIGEST_META = "brainrank.preprocess_digest"
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 hex digest of a file's bytes."""
+    with open(path, "rb") as fh:
+        return hashlib.file_digest(fh, "sha256").hexdigest()
+
+
+def bind_preprocess(stage_dir: Path, preprocess: dict[str, Any], digest: str) -> None:
+    """Record the preprocessing config in the metadata of ``stage_dir/model.safetensors``.
+
+    The weights file then says itself which volumes it was trained on (``preprocess`` as
+    JSON and its ``digest``), so a card describing another preprocessing is refused on load.
+    The tensors are unchanged; the file is rewritten atomically.
+    """
+    path = Path(stage_dir) / MODEL_FILE
+    try:
+        state = load_file(str(path))
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"stage weights {str(path)!r} cannot be read: {err}") from None
+    meta = {PREPROCESS_META: json.dumps(preprocess, sort_keys=True),
+            PREPROCESS_DIGEST_META: str(digest)}
+    _atomic_file(path, lambda p: save_file(state, str(p), metadata=meta))
+
+
+def weights_preprocess(path: str | os.PathLike[str]) -> tuple[dict[str, Any], str] | None:
+    """The (preprocess config dict, digest) recorded in a weights file, or None if none is.
+
+    Raises:
+        CheckpointError: the file cannot be read, or its record is not JSON.
+    """
+    try:
+        with safe_open(str(path), "pt") as fh:
+            meta = fh.metadata() or {}
+    except (OSError, SafetensorError) as err:
+        raise CheckpointError(f"stage weights {str(path)!r} cannot be read: {err}") from None
+    if PREPROCESS_META not in meta:
+        return None
+    try:
+        return json.loads(meta[PREPROCESS_META]), str(meta.get(PREPROCESS_DIGEST_META))
+    except ValueError as err:
+        raise CheckpointError(f"the preprocessing record in {str(path)!r} is corrupt: "
+                              f"{err}") from None
 
 
 def build_stage_model(stage: int, backbone: BackboneConfig,
