@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["INTENDED_USE", "RECORDS_SUFFIX", "SPLIT_RECORD", "STAGE_IDS", "move_records",
-           "population", "read_split_record", "records_dir"]
+__all__ = ["INTENDED_USE", "RECORDS_SUFFIX", "SPLIT_RECORD", "STAGE_IDS", "cache_population",
+           "card_interval", "move_records", "population", "read_split_record", "records_dir"]
 
 RECORDS_SUFFIX = ".records"
 #: File of the records folder with the training / validation keys and folds.
@@ -72,6 +72,34 @@ def population(keys: Sequence[str], ages: Sequence[float], sexes: Sequence[str |
         return dict(sorted(Counter("n/a" if v is None else str(v) for v in labels).items()))
 
     return {"n": len(keys), **stats, "sex": mix(sexes), "site": mix(sites)}
+
+
+def cache_population(cache_dir: str, preprocess: dict[str, Any], keys: Sequence[str]
+                     ) -> dict[str, Any]:
+    """:func:`population` of the cached rows ``keys`` (the training and validation keys)."""
+    from rankcore.cache import open_cache
+    from rankcore.mri.types import PreprocessConfig
+
+    config = PreprocessConfig(**dict(preprocess, shape=tuple(preprocess["shape"])))
+    table = open_cache(cache_dir, config).table
+    row = {k: i for i, k in enumerate(table.column("key").to_pylist())}
+    used = [row[k] for k in keys]
+    col = {c: table.column(c).to_pylist() for c in ("age", "sex", "site")}
+    return population(used, [np.nan if col["age"][i] is None else col["age"][i] for i in used],
+                      [col["sex"][i] for i in used], [col["site"][i] for i in used])
+
+
+def card_interval(val_pred: Any, val_ages: Any, train_pred: Any, train_ages: Any
+                  ) -> dict[str, Any] | None:
+    """The split-conformal interval of a cascade's estimates for its card: calibrated on the
+    validation subjects, its scale's slope fitted on the training residuals; None with fewer
+    than 2 validation ages."""
+    from rankcore.conformal import INTERVAL_LEVEL, fit_conformal
+
+    if np.isfinite(np.asarray(val_ages, dtype=np.float64)).sum() < 2:
+        return None
+    return fit_conformal(val_pred, val_ages, scale_pred=train_pred, scale_ages=train_ages,
+                         level=INTERVAL_LEVEL).to_dict()
 
 
 def move_records(staging: Path, records: Path, split: dict[str, Any],

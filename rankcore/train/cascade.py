@@ -52,10 +52,15 @@ import numpy as np
 import torch
 
 from rankcore._sealed import read_sealed, seal
-from rankcore.conformal import INTERVAL_LEVEL, fit_conformal
 from rankcore.errors import CheckpointError, CorruptFileError, TrainingError
 from rankcore.models.cascade import Cascade
-from rankcore.train.card_info import INTENDED_USE, move_records, population, records_dir
+from rankcore.train.card_info import (
+    INTENDED_USE,
+    cache_population,
+    card_interval,
+    move_records,
+    records_dir,
+)
 from rankcore.train.cascade_jobs import (
     HELDOUT_FILE,
     PREDICTIONS_FILE,
@@ -137,30 +142,6 @@ def _metrics(pred: np.ndarray, ages: np.ndarray) -> dict[str, float] | None:
     return evaluate(pred, ages) if len(pred) else None
 
 
-def _population(plan: CascadePlan) -> dict[str, Any]:
-    """Age range, sex and site mix of the training and validation subjects (no ids)."""
-    from rankcore.cache import open_cache
-    from rankcore.mri.types import PreprocessConfig
-
-    config = PreprocessConfig(**dict(plan.preprocess, shape=tuple(plan.preprocess["shape"])))
-    table = open_cache(plan.cache_dir, config).table
-    row = {k: i for i, k in enumerate(table.column("key").to_pylist())}
-    used = [row[k] for k in (*plan.split["train"], *plan.split["val"])]
-    col = {c: table.column(c).to_pylist() for c in ("age", "sex", "site")}
-    return population(used, [np.nan if col["age"][i] is None else col["age"][i] for i in used],
-                      [col["sex"][i] for i in used], [col["site"][i] for i in used])
-
-
-def _interval(val_pred: np.ndarray, val_ages: np.ndarray, train_pred: np.ndarray,
-              train_ages: np.ndarray) -> dict[str, Any] | None:
-    """The split-conformal interval of the cascade's estimates, calibrated on validation
-    (its scale's slope fitted on the training residuals); None without 2 validation ages."""
-    if np.isfinite(val_ages).sum() < 2:
-        return None
-    return fit_conformal(val_pred, val_ages, scale_pred=train_pred, scale_ages=train_ages,
-                         level=INTERVAL_LEVEL).to_dict()
-
-
 def _build_card(plan: CascadePlan, staging: Path) -> dict[str, Any]:
     stages = {job: stage_summary(stage_dir(plan, job)) for job in plan.jobs}
     train_keys, val_keys = plan.split["train"], plan.split["val"]
@@ -195,7 +176,8 @@ def _build_card(plan: CascadePlan, staging: Path) -> dict[str, Any]:
         "preprocess": dict(plan.preprocess, digest=plan.preproc_digest),
         "split": {k: v for k, v in plan.split.items() if k not in ("train", "val")},
         "intended_use": INTENDED_USE,
-        "training_population": _population(plan),
+        "training_population": cache_population(plan.cache_dir, plan.preprocess,
+                                                [*train_keys, *val_keys]),
         "records": records_dir(plan.model_dir).name,
         "stages": stages,
         "metrics": {
@@ -204,7 +186,7 @@ def _build_card(plan: CascadePlan, staging: Path) -> dict[str, Any]:
             "val_stage1": _metrics(s1_val, val_ages),
             "val_cascade": _metrics(cascade_val, val_ages),
         },
-        "interval": _interval(cascade_val, val_ages, s1_train, train_ages),
+        "interval": card_interval(cascade_val, val_ages, s1_train, train_ages),
         "versions": library_versions(),
         "rank_convention": rank_convention(config),
         "files": {"stage1": "stage1/model.safetensors", "stage2": "stage2/model.safetensors",
