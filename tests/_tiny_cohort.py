@@ -74,3 +74,12 @@ def write_manifest(root: Path, n: int, *, seed: int = 0,
     manifest = root / "manifest.csv"
     manifest.write_text("\n".join(lines) + "\n")
     return manifest
+
+
+def ingest_manifest(manifest: Path, cache: Path) -> Path:
+    """Ingest a :func:`write_manifest` cohort into ``cache`` at :data:`PREPROCESS` (tissue off:
+    the box phantoms have no tissue to classify, which `brainrank ingest` would require)."""
+    from rankcore.mri import read_cohort
+
+    ingest_cohort(read_cohort(manifest), cache, PREPROCESS)
+    return cache

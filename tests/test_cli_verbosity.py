@@ -15,7 +15,9 @@ import termios
 from pathlib import Path
 
 import pytest
-from _tiny_cohort import write_manifest
+from _tiny_cohort import make_cache, write_manifest
+
+from rankcore.train.cascade import train_cascade
 
 EXE = str(Path(sys.executable).with_name("brainrank"))
 REPO = Path(__file__).resolve().parents[1]
@@ -36,24 +38,30 @@ def test_version(tmp_path):
 
 @pytest.mark.slow
 def test_per_subject_lines_only_with_v_and_quiet_with_q(tmp_path):
-    manifest = write_manifest(tmp_path / "cohort", 4)
-    grid = ["--spacing", "4", "--shape", "12", "14", "10"]
-    plain = _run("ingest", str(manifest), "--cache", str(tmp_path / "c1"), *grid, cwd=tmp_path)
+    # predict preprocesses with the model's config (tissue off for these box phantoms)
+    cache = make_cache(tmp_path / "train", 12)
+    model = tmp_path / "model"
+    train_cascade(cache, model, {"epochs": 1, "batch_size": 4, "rank_loss": "none",
+                                 "num_threads": 1, "backbone": {"growth": [4, 4]}})
+    manifest = write_manifest(tmp_path / "cohort", 3)
+    plain = _run("predict", str(model), str(manifest), "--out", str(tmp_path / "p1.csv"),
+                 cwd=tmp_path)
     assert plain.returncode == 0, plain.stderr[-2000:]
     logs = plain.stdout + plain.stderr
-    assert "ingest summary" in logs and "ingested sub-00" not in logs
+    assert "predicted 3 of 3" in logs and "ingest summary" in logs
+    assert "ingested sub-00" not in logs
     assert "\r" not in plain.stderr  # no progress bar off a terminal
 
-    verbose = _run("-v", "ingest", str(manifest), "--cache", str(tmp_path / "c2"), *grid,
-                   cwd=tmp_path)
+    verbose = _run("-v", "predict", str(model), str(manifest), "--out",
+                   str(tmp_path / "p2.csv"), cwd=tmp_path)
     assert verbose.returncode == 0, verbose.stderr[-2000:]
     logs = verbose.stdout + verbose.stderr
-    assert all(f"ingested sub-0{i}" in logs for i in range(4))
+    assert all(f"ingested sub-0{i}" in logs for i in range(3))
 
-    quiet = _run("-q", "ingest", str(manifest), "--cache", str(tmp_path / "c2"), *grid,
+    quiet = _run("-q", "predict", str(model), str(manifest), "--out", str(tmp_path / "p2.csv"),
                  cwd=tmp_path)
     assert quiet.returncode == 0, quiet.stderr[-2000:]
-    assert "reused 4" in quiet.stdout  # the command's own summary still prints
+    assert "predicted 3 of 3" in quiet.stdout  # the command's own summary still prints
     assert "INFO" not in quiet.stdout + quiet.stderr
     assert "ingest summary" not in quiet.stdout + quiet.stderr
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from _tiny_cohort import write_manifest
+from _tiny_cohort import ingest_manifest, write_manifest
 
 from flows.cli import main
 
@@ -33,8 +33,7 @@ def test_model_folder_holds_no_participant_id_and_card_describes_the_model(
     cache, model = tmp_path / "cache", tmp_path / "model"
     cfg = tmp_path / "train.json"
     cfg.write_text(json.dumps({"options": {"backbone": {"growth": [4, 4]}, "num_threads": 1}}))
-    assert main(["ingest", str(manifest), "--cache", str(cache), "--spacing", "4", "--shape",
-                 "12", "14", "10"]) == 0
+    ingest_manifest(manifest, cache)
     assert main(["train", str(cache), "--out", str(model), "--epochs", "1", "--batch-size", "4",
                  "--rank-loss", "none", "--config", str(cfg)]) == 0
     assert main(["evaluate", str(model), str(cache), "--out", str(tmp_path / "report"),

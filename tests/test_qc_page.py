@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
-from _tiny_cohort import write_manifest
+from _tiny_cohort import ingest_manifest, write_manifest
 
 from flows.cli import main
 
@@ -108,8 +108,7 @@ def test_qc_page_renders_in_a_headless_browser_without_external_requests(
     cache, model, report = tmp_path / "cache", tmp_path / "model", tmp_path / "report"
     cfg = tmp_path / "train.json"
     cfg.write_text(json.dumps({"options": {"backbone": {"growth": [4, 4]}, "num_threads": 1}}))
-    assert main(["ingest", str(manifest), "--cache", str(cache), "--spacing", "4", "--shape",
-                 "12", "14", "10"]) == 0
+    ingest_manifest(manifest, cache)
     assert main(["train", str(cache), "--out", str(model), "--epochs", "1", "--batch-size", "4",
                  "--rank-loss", "none", "--config", str(cfg)]) == 0
     assert main(["evaluate", str(model), str(cache), "--out", str(report), "--n-boot",

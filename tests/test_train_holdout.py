@@ -1,9 +1,12 @@
-"""`brainrank ingest → train → evaluate` with no split column: train holds out a test split by
-the pipeline's stable hash, records it in the card, and evaluate scores exactly those unseen
-subjects; a split column is kept; without a test split evaluate refuses and says what to do.
+"""ingest → `brainrank train` → `brainrank evaluate` with no split column: train holds out a
+test split by the pipeline's stable hash, records it in the card, and evaluate scores exactly
+those unseen subjects; a split column is kept; without a test split evaluate refuses and says
+what to do.
 
-Everything runs through the real CLI, real NIfTI files, a real Parquet cache and the
-session's temporary Prefect server.
+Train and evaluate run through the real CLI, on real NIfTI files ingested into a real Parquet
+cache (with the tissue step off: the box phantoms have no tissue to classify, so the cache is
+written with rankcore's ingest, the function `brainrank ingest` runs) and the session's
+temporary Prefect server.
 """
 
 from __future__ import annotations
@@ -12,14 +15,13 @@ import csv
 import json
 
 import pytest
-from _tiny_cohort import write_manifest
+from _tiny_cohort import ingest_manifest, write_manifest
 
 from flows.cli import main
 from rankcore.mri.holdout import held_out_participants
 
 pytestmark = [pytest.mark.prefect, pytest.mark.slow]
 
-GRID = ["--spacing", "4", "--shape", "12", "14", "10"]
 TRAIN = ["--epochs", "1", "--batch-size", "4", "--rank-loss", "none"]
 OPTIONS = {"options": {"backbone": {"growth": [4, 4]}, "num_threads": 1}}
 
@@ -39,7 +41,7 @@ def config(tmp_path_factory):
 def test_ingest_train_evaluate_without_a_split_column(prefect_server, tmp_path, config, capsys):
     manifest = write_manifest(tmp_path / "cohort", 20)
     cache, model, report = tmp_path / "cache", tmp_path / "model", tmp_path / "report"
-    assert main(["ingest", str(manifest), "--cache", str(cache), *GRID]) == 0
+    ingest_manifest(manifest, cache)
     assert main(["train", str(cache), "--out", str(model), *TRAIN, "--config", config]) == 0
     out = capsys.readouterr().out
     expected = sorted(held_out_participants([f"sub-{i:02d}" for i in range(20)], 0.2, 0))
@@ -83,7 +85,7 @@ def test_a_split_column_is_kept_and_no_test_split_is_refused_with_advice(
     splits = ["test" if i < 5 else "val" if i < 8 else "train" for i in range(20)]
     manifest = write_manifest(tmp_path / "cohort", 20, splits=splits)
     cache = tmp_path / "cache"
-    assert main(["ingest", str(manifest), "--cache", str(cache), *GRID]) == 0
+    ingest_manifest(manifest, cache)
     assert main(["train", str(cache), "--out", str(tmp_path / "model"), *TRAIN,
                  "--config", config]) == 0
     card = json.loads((tmp_path / "model" / "card.json").read_text())
@@ -94,7 +96,7 @@ def test_a_split_column_is_kept_and_no_test_split_is_refused_with_advice(
     assert _ids(tmp_path / "report" / "predictions.csv") == [f"sub-{i:02d}" for i in range(5)]
 
     bare = write_manifest(tmp_path / "bare", 12)
-    assert main(["ingest", str(bare), "--cache", str(tmp_path / "c2"), *GRID]) == 0
+    ingest_manifest(bare, tmp_path / "c2")
     assert main(["train", str(tmp_path / "c2"), "--out", str(tmp_path / "all"), *TRAIN,
                  "--test-fraction", "0", "--config", config]) == 0
     assert "no test split" in capsys.readouterr().out

@@ -78,10 +78,15 @@ def _read_images(paths: list[Path], root: Path, kind: str, allow_outside_root: b
                          "images carries no ages, and ages are required here: write a manifest "
                          "(.csv with participant_id, path, age) or a BIDS participants.tsv")
     out = _Collector(Path(os.path.realpath(root)), allow_outside_root, require_age)
+    by_id: dict[str, list[Path]] = {}
     for path in sorted(paths):
-        pid = _image_id(path)
-        if out.claim(pid, None, str(path), path.name) and out.image(pid, path, path.name):
-            out.rows.append(CohortRow(participant_id=pid, path=path))
+        by_id.setdefault(_image_id(path), []).append(path)
+    for pid, group in by_id.items():
+        for other in group[1:]:  # as for BIDS: the first by name is kept
+            out.reject(pid, str(other), "duplicate_id",
+                       f"{other.name}: another image named {pid}; kept {group[0].name}")
+        if out.image(pid, group[0], group[0].name):
+            out.rows.append(CohortRow(participant_id=pid, path=group[0]))
     return out.cohort(kind)
 
 
