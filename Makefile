@@ -7,7 +7,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: test demo
+.PHONY: test demo browser
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || { \
@@ -19,7 +19,20 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet -c constraints.txt $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) \
 		"torch==2.13.0"
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[dev]"
+	$(MAKE) --no-print-directory browser
 	touch $(STAMP)
+
+# tests/test_qc_page.py opens the report's QC page in a headless Chromium. Idempotent: does
+# nothing when a Chromium is on PATH; else installs Debian/Ubuntu's package (as root, or
+# through passwordless sudo) or stops with one line saying what to install.
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	command -v google-chrome >/dev/null 2>&1 || { \
+		if [ "$$(id -u)" = 0 ]; then SUDO=; elif sudo -n true 2>/dev/null; then SUDO="sudo -n"; \
+		else echo "tests need Chromium: install it (Debian/Ubuntu: apt-get install chromium) \
+	and run make again" >&2; exit 2; fi; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq \
+			chromium; }
 
 test: $(STAMP)
 	$(PY) -m ruff check .

@@ -30,6 +30,9 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
                  "score a trained cascade on a split of a cache; write metrics, plots, report"),
     "predict": ("flows.predict", "PredictParams",
                 "apply a trained cascade to a cohort (BIDS root or manifest); write a table"),
+    "card": ("flows.card", "CardParams",
+             "print a model's card: intended use, training population, split, metrics, "
+             "versions"),
     "pipeline": ("flows.pipeline", "PipelineParams",
                  "the main job: (simulate) -> ingest -> sorter -> train -> evaluate into "
                  "RUN_DIR, reusing unchanged stages"),
@@ -116,6 +119,11 @@ def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=S, help="random seed (0)")
     p.add_argument("--k-folds", type=int, default=S,
                    help="cross-fitting folds for stage 2's out-of-fold inputs (3)")
+    p.add_argument("--test-fraction", type=float, default=S,
+                   help="when no cached row is labelled test, hold out this share of the "
+                        "participants as the test split, as `pipeline` does (0.2; 0: none)")
+    p.add_argument("--split-seed", type=int, default=S,
+                   help="seed of the test hold-out's stable hash (0)")
     p.add_argument("--engine", choices=["local", "ray"], default=S,
                    help="train in this process or on Ray Train (local)")
     p.add_argument("--storage-path", default=S,
@@ -181,6 +189,13 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", action="store_true", default=S, help="predict on CUDA")
     p.add_argument("--max-failed-fraction", type=float, default=S,
                    help="exit 3 when more than this fraction is set aside (1.0)")
+
+
+def _add_card(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model_dir", nargs="?", default=S, metavar="MODEL_DIR",
+                   help="model folder written by `brainrank train`")
+    p.add_argument("--json", dest="as_json", action="store_true", default=S,
+                   help="print the raw card.json")
 
 
 def _add_pipeline(p: argparse.ArgumentParser) -> None:
@@ -258,10 +273,38 @@ _ADDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
     "train": _add_train,
     "evaluate": _add_evaluate,
     "predict": _add_predict,
+    "card": _add_card,
     "pipeline": _add_pipeline,
     "submit": _add_submit,
     "serve": _add_serve,
 }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("brainrank")
+    except PackageNotFoundError:  # running from a source tree that was never installed
+        return "unknown (not installed)"
+
+
+def _set_verbosity(verbose: bool, quiet: bool) -> None:
+    """-v: per-subject DEBUG lines reach the console; -q: warnings only, no progress bars."""
+    import logging
+
+    if not (verbose or quiet):
+        return
+    from rankcore.progress import set_quiet
+    from tasks import _logs
+
+    if quiet:
+        os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
+        set_quiet(True)
+        _logs.set_level(logging.WARNING)
+    else:
+        _logs.set_level(logging.DEBUG)
+    logging.getLogger("rankcore").setLevel(logging.WARNING if quiet else logging.DEBUG)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -269,6 +312,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="brainrank",
         description="Brain-age estimation from T1 MRI with ranking losses. "
                     "Each command runs a Prefect flow.")
+    parser.add_argument("--version", action="version", version=f"brainrank {_version()}")
+    loud = parser.add_mutually_exclusive_group()
+    loud.add_argument("-v", "--verbose", action="store_true",
+                      help="also log one line per subject (ingest, predict)")
+    loud.add_argument("-q", "--quiet", action="store_true",
+                      help="warnings and errors only; no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (_, _, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
@@ -294,7 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     module_name, model_name, _ = COMMANDS[args.command]
-    given = {k: v for k, v in vars(args).items() if k not in ("command", "config")}
+    given = {k: v for k, v in vars(args).items()
+             if k not in ("command", "config", "verbose", "quiet")}
     if "shape" in given:
         given["shape"] = tuple(given["shape"])
     try:
@@ -303,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         model = getattr(params, model_name)
         run_params = _config.build_params(model, given, getattr(args, "config", None))
         _prepare_environment()
+        _set_verbosity(args.verbose, args.quiet)
         module = importlib.import_module(module_name)
         from rankcore._lock import run_lock
         from tasks._logs import quiet_own_errors

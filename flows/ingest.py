@@ -22,6 +22,7 @@ from flows._server import temporary_server
 from flows.params import IngestParams
 from rankcore.cache import CacheLayout, IngestPlan, cache_lock, commit_batch
 from rankcore.mri import PreprocessConfig
+from rankcore.progress import progress_bar
 from tasks._logs import forward_logs
 from tasks.ingest import (
     finalize_ingest_task,
@@ -36,15 +37,19 @@ def _run_local(plan: IngestPlan, workers: int) -> None:
     """Each batch as a task: in this process for one worker, else in a process pool."""
     if not plan.batches:
         return
-    if workers == 1:
-        for batch in plan.batches:
-            commit_batch(plan, ingest_batch_task(quote(batch)))
-        return
-    runner = ProcessPoolTaskRunner(max_workers=min(workers, len(plan.batches)))
-    with runner:
-        futures = [runner.submit(ingest_batch_task, {"batch": quote(b)}) for b in plan.batches]
-        for future in as_completed(futures):
-            commit_batch(plan, future.result())
+    with progress_bar("ingest", len(plan.batches), unit="batch") as bar:
+        if workers == 1:
+            for done, batch in enumerate(plan.batches, 1):
+                commit_batch(plan, ingest_batch_task(quote(batch)))
+                bar(done)
+            return
+        runner = ProcessPoolTaskRunner(max_workers=min(workers, len(plan.batches)))
+        with runner:
+            futures = [runner.submit(ingest_batch_task, {"batch": quote(b)})
+                       for b in plan.batches]
+            for done, future in enumerate(as_completed(futures), 1):
+                commit_batch(plan, future.result())
+                bar(done)
 
 
 @flow(name="ingest", log_prints=False, task_runner=ThreadPoolTaskRunner(max_workers=1))

@@ -111,9 +111,12 @@ class TrainParams(_Params):
     final stage-1 jobs run side by side in this many processes; with engine "ray", the Ray Train
     workers of every stage. ``spacing`` / ``shape`` pick the cache's preprocessing config when
     it holds several, and ``tissue`` (None: either) whether that config measured tissue; several
-    caches matching is refused. ``val_fraction``, ``options`` (more TrainConfig keys, e.g.
-    ``lr`` or ``backbone``) and ``stage2_options`` (stage-2 overrides) have no CLI option: set
-    them in --config.
+    caches matching is refused. When no cached row is labelled ``test``, ``test_fraction`` of
+    the unlabelled participants are held out as the test split by the pipeline's stable hash of
+    ``split_seed`` and the participant id (0: train on everything; `brainrank evaluate` then
+    has no unseen subjects). ``val_fraction``, ``options`` (more TrainConfig keys, e.g. ``lr``
+    or ``backbone``) and ``stage2_options`` (stage-2 overrides) have no CLI option: set them in
+    --config.
     """
 
     cache: str
@@ -127,6 +130,8 @@ class TrainParams(_Params):
     seed: int = Field(0, ge=0)
     k_folds: int = Field(3, ge=2, le=20)
     val_fraction: float = Field(0.1, ge=0, le=0.5)
+    test_fraction: float = Field(0.2, ge=0, le=0.5)
+    split_seed: int = Field(0, ge=0)
     engine: Literal["local", "ray"] = "local"
     storage_path: str | None = None
     ray_address: str | None = None
@@ -206,6 +211,13 @@ class EvaluateParams(_Params):
     gpu: bool = False
     store_bias: bool = True
     allow_incomplete_cache: bool = False
+
+
+class CardParams(_Params):
+    """`brainrank card`: print a model's card (``as_json``, option --json: the raw card.json)."""
+
+    model_dir: str = Field(min_length=1)
+    as_json: bool = False
 
 
 class PredictParams(_Params):

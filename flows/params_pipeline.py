@@ -43,7 +43,7 @@ PIPELINE_DERIVED: dict[str, tuple[str, ...]] = {
                "allow_outside_root", "require_age", "ray_address"),
     "pretrain": ("out", "ray_address"),
     "train": ("cache", "out", "rank_loss", "sorter", "ray_address", "spacing", "shape",
-              "tissue"),
+              "tissue", "test_fraction", "split_seed"),
     "evaluate": ("model_dir", "cache", "out"),
 }
 
@@ -191,7 +191,8 @@ class PipelineParams(_Params):
         rank_loss = "sorter" if source in ("shipped", "file", "pretrain") else source
         return TrainParams(cache=cache, out=out, rank_loss=rank_loss, sorter=sorter,
                            ray_address=self.ray_address, spacing=self.spacing,
-                           shape=self.shape, tissue=self.tissue, **self.train.model_dump())
+                           shape=self.shape, tissue=self.tissue, test_fraction=self.test_fraction,
+                           split_seed=self.split_seed, **self.train.model_dump())
 
     def evaluate_params(self, model_dir: str, cache: str, out: str) -> EvaluateParams:
         """Parameters of the evaluation of ``model_dir`` on ``cache`` into ``out``."""

@@ -67,7 +67,8 @@ def _plan_args(params: TrainParams) -> dict[str, Any]:
             "k_folds": params.k_folds, "val_fraction": params.val_fraction,
             "preprocess": preprocess_config(params), "engine": params.engine,
             "workers": params.workers, "use_gpu": params.gpu,
-            "storage_path": params.storage_path, "stage2": params.stage2_options or None}
+            "storage_path": params.storage_path, "stage2": params.stage2_options or None,
+            "test_fraction": params.test_fraction, "split_seed": params.split_seed}
 
 
 def _markdown(summary: dict[str, Any]) -> str:
@@ -76,7 +77,8 @@ def _markdown(summary: dict[str, Any]) -> str:
 
     lines = [f"# Cascade `{summary['model_dir']}`", "",
              f"{summary['n_train']} training / {summary['n_val']} validation subjects "
-             f"(split: {summary['split_source']}); data digest `{summary['data_digest'][:12]}`",
+             f"(split: {summary['split_source']}; test: {summary.get('test_source', 'n/a')}); "
+             f"data digest `{summary['data_digest'][:12]}`",
              "", "| predictions | MAE (y) | RMSE (y) | SRCC | Pearson r |",
              "|---|---|---|---|---|"]
     names = {"val_cascade": "validation, cascade", "val_stage1": "validation, stage 1",
@@ -175,6 +177,12 @@ def run_cli(params: TrainParams) -> int:
     verb = "reused" if summary["reused"] else "trained"
     print(f"{verb} cascade: {summary['model_dir']} ({summary['n_train']} training / "
           f"{summary['n_val']} validation subjects, {summary['seconds']:.0f} s of training)")
+    if summary["test_source"] == "held_out":
+        print(f"held out {summary['n_test']} test subject(s) by the stable hash (split seed "
+              f"{params.split_seed}): score them with `brainrank evaluate {summary['model_dir']} "
+              f"{params.cache} --out REPORT_DIR`")
+    elif summary["test_source"] == "none":
+        print("no test split: every subject with an age trained or validated this model")
     for key, label in (("val_stage1", "stage 1"), ("val_cascade", "cascade")):
         if m.get(key):
             print(f"validation {label}: MAE {m[key]['mae']:.2f} y, SRCC {m[key]['srcc']:.3f}")

@@ -18,6 +18,7 @@ from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from rankcore.errors import BrainrankError
+from rankcore.progress import progress_bar
 from rankcore.train.cascade import finish_cascade, run_job
 from rankcore.train.cascade_plan import CascadePlan, plan_cascade
 from tasks._logs import forward_logs as _forward_logs
@@ -73,11 +74,13 @@ def cache_complete_task(cache: str, preprocess: Any, allow_incomplete: bool) -> 
 def plan_training_task(cache: str, out: str, config: dict[str, Any], k_folds: int,
                        val_fraction: float, preprocess: Any, engine: str, workers: int,
                        use_gpu: bool, storage_path: str | None,
-                       stage2: dict[str, Any] | None) -> CascadePlan:
+                       stage2: dict[str, Any] | None, test_fraction: float = 0.0,
+                       split_seed: int = 0) -> CascadePlan:
     """Check the cache, config and model folder; fix the split and folds (writes nothing)."""
     return plan_cascade(cache, out, config, k_folds=k_folds, val_fraction=val_fraction,
                         preprocess=preprocess, engine=engine, workers=workers,
-                        use_gpu=use_gpu, storage_path=storage_path, stage2=stage2)
+                        use_gpu=use_gpu, storage_path=storage_path, stage2=stage2,
+                        test_fraction=test_fraction, split_seed=split_seed)
 
 
 @task(name="train-job", task_run_name="train-{job}", retries=1, retry_delay_seconds=2,
@@ -93,14 +96,16 @@ def train_job_task(plan: CascadePlan, job: str, progress_artifact: UUID | None =
     if plan.engine == "ray":
         _ensure_ray(ray_address, plan.workers)
 
-    def progress(event: dict[str, Any]) -> None:
-        if progress_artifact is not None:
-            update_progress_artifact(
-                progress_artifact, round(100.0 * event["fraction"], 1),
-                description=f"{event['job']}: epoch {event['epoch']}/{event['epochs']}")
+    with progress_bar(f"train {job}", plan.epochs(job), unit="epoch") as bar:
+        def progress(event: dict[str, Any]) -> None:
+            bar(min(int(event["epoch"]), int(event["epochs"])))
+            if progress_artifact is not None:
+                update_progress_artifact(
+                    progress_artifact, round(100.0 * event["fraction"], 1),
+                    description=f"{event['job']}: epoch {event['epoch']}/{event['epochs']}")
 
-    with forward_logs(logger):
-        return run_job(plan, job, progress)
+        with forward_logs(logger):
+            return run_job(plan, job, progress)
 
 
 @task(name="finish-training", retries=0, cache_policy=NO_CACHE)
@@ -120,6 +125,8 @@ def summarise(card: dict[str, Any], model_dir: str, *, reused: bool) -> dict[str
         "n_train": card["data"]["n_train"],
         "n_val": card["data"]["n_val"],
         "split_source": card["split"]["source"],
+        "test_source": card["split"].get("test", {}).get("source", "none"),
+        "n_test": card["split"].get("test", {}).get("n", 0),
         "metrics": card["metrics"],
         "jobs": {job: {"epochs_run": s["epochs_run"], "best_epoch": s["best_epoch"],
                        "seconds": round(s["seconds"], 2)} for job, s in stages.items()},

@@ -56,3 +56,30 @@ def make_cache(root: Path, n: int, *, seed: int = 0, ages: Sequence[float | None
     cache = root / "cache"
     ingest_cohort(Cohort(src, "manifest", tuple(rows)), cache, PREPROCESS)
     return cache
+
+
+def write_manifest(root: Path, n: int, *, seed: int = 0,
+                   splits: Sequence[str] | None = None) -> Path:
+    """Write ``n`` heads under ``root`` and a manifest.csv (participant_id, path, age, sex,
+    site, and ``split`` when ``splits`` is given) for `brainrank ingest`; return its path."""
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = [-30.0, -34.0, -26.0]
+    lines = ["participant_id,path,age,sex,site" + (",split" if splits is not None else "")]
+    for i, age in enumerate(np.round(rng.uniform(20, 80, n), 1)):
+        nib.save(nib.Nifti1Image(_head(float(age), rng), affine), root / f"sub-{i:02d}.nii.gz")
+        row = f"sub-{i:02d},sub-{i:02d}.nii.gz,{age},{'FM'[i % 2]},{'ab'[i % 2]}"
+        lines.append(row + (f",{splits[i]}" if splits is not None else ""))
+    manifest = root / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    return manifest
+
+
+def ingest_manifest(manifest: Path, cache: Path) -> Path:
+    """Ingest a :func:`write_manifest` cohort into ``cache`` at :data:`PREPROCESS` (tissue off:
+    the box phantoms have no tissue to classify, which `brainrank ingest` would require)."""
+    from rankcore.mri import read_cohort
+
+    ingest_cohort(read_cohort(manifest), cache, PREPROCESS)
+    return cache

@@ -106,7 +106,7 @@ def test_evaluate_flow_writes_a_complete_report(trained, evaluated):
     # validation predictions training itself wrote, and it is stored for `predict`.
     bc = metrics["bias_corrected"]
     assert bc["available"] and bc["n_fit"] == 2
-    val = _rows(trained["model"] / "stage2" / "predictions.csv")
+    val = _rows(trained["base"] / "model.records" / "stage2" / "predictions.csv")
     ages = dict(zip(open_cache(trained["cache"], PREPROCESS).keys,
                     open_cache(trained["cache"], PREPROCESS).table.column("age").to_pylist()))
     ref = fit_bias_correction([float(v["cascade"]) for v in val], [ages[v["key"]] for v in val])
@@ -149,11 +149,17 @@ def test_predict_keeps_valid_subjects_of_a_cohort_with_a_bad_file(trained, evalu
     code = main(["predict", str(trained["model"]), str(trained["root"]), "--out", str(out),
                  "--bias-correct"])
     assert code == 0, capsys.readouterr().err
-    table = pq.read_table(out).to_pylist()
+    rows = pq.read_table(out).to_pylist()
+    table = [r for r in rows if r["status"] == "predicted"]
     assert len(table) == 12  # every valid subject of the BIDS root, the broken one set aside
     quarantine = _rows(tmp_path / "preds.quarantine.csv")
     assert [q["participant_id"] for q in quarantine] == ["sub-broken01"]
     assert quarantine[0]["category"] and quarantine[0]["message"]
+    # the table itself says who was set aside and why
+    aside = [r for r in rows if r["status"] != "predicted"]
+    assert [(r["participant_id"], r["status"], r["reason"]) for r in aside] == \
+        [("sub-broken01", quarantine[0]["category"], quarantine[0]["message"])]
+    assert aside[0]["predicted_age"] is None
     assert (tmp_path / "preds.cache").is_dir()  # the default cache, next to the output
     assert all(r["corrected_age"] is not None for r in table)
     # The same model and preprocessing give the evaluation's numbers for the test subjects.

@@ -263,7 +263,7 @@ def test_unreadable_and_unknown_inputs(tmp_path):
     with pytest.raises(InputError, match=r"latin\.csv: cannot read the table"):
         read_cohort(tmp_path / "latin.csv")
     (tmp_path / "notes.txt").write_text("hello")
-    with pytest.raises(InputError, match="neither a BIDS folder nor a manifest"):
+    with pytest.raises(InputError, match=r"neither a BIDS folder, a manifest file .* nor an image"):
         read_cohort(tmp_path / "notes.txt")
     with pytest.raises(InputError, match="does not exist"):
         read_cohort(tmp_path / "nothing")

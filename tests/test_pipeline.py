@@ -60,7 +60,9 @@ def test_cold_run_writes_every_stage_and_evaluates_only_held_out_subjects(cold):
     # the evaluated subjects are exactly the cached test rows, none of which trained
     cached = result["stages"]["ingest"]["summary"]["cache_splits"]
     assert metrics["n"] == cached["test"] >= 2
-    trained = set(card["split"]["train"]) | set(card["split"]["val"])
+    record = json.loads((run_dir / "model.records" / "split.json").read_text())
+    assert record["training_key"] == card["training_key"]
+    trained = set(record["train"]) | set(record["val"])
     with open(run_dir / "report" / "predictions.csv") as fh:
         evaluated = {line.split(",")[0] for line in list(fh)[1:]}
     assert len(evaluated) == metrics["n"] and not evaluated & trained

@@ -101,8 +101,12 @@ def test_cascade_writes_a_complete_model_folder_and_reuses_it(cache, tmp_path, c
     assert not _staging(model_dir)
     names = {str(p.relative_to(model_dir)) for p in model_dir.rglob("*") if p.is_file()}
     assert {"card.json", "training_curves.png", "stage1/model.safetensors",
-            "stage2/model.safetensors", "crossfit/oof.csv", "crossfit/fold-0/model.safetensors",
-            "crossfit/fold-1/heldout.csv"} <= names
+            "stage2/model.safetensors", "crossfit/fold-0/model.safetensors"} <= names
+    records = tmp_path / "model.records"  # per-subject records: next to, not in, the model
+    assert not any(n.endswith(".csv") for n in names)
+    assert {"split.json", "crossfit/oof.csv", "crossfit/fold-1/heldout.csv",
+            "stage2/predictions.csv", "stage2/ids.json"} <= \
+        {str(p.relative_to(records)) for p in records.rglob("*") if p.is_file()}
     assert not any("epoch-" in n or "latest.json" in n or ".tmp" in n for n in names)
     assert (model_dir / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -113,7 +117,9 @@ def test_cascade_writes_a_complete_model_folder_and_reuses_it(cache, tmp_path, c
     assert card["preprocess"]["shape"] == list(PREPROCESS.shape)
     assert card["preprocess"]["digest"] == PREPROCESS.digest()
     assert card["rank_convention"] == "ascending_fractional" and "torch" in card["versions"]
-    train_keys, val_keys = card["split"]["train"], card["split"]["val"]
+    record = json.loads((records / "split.json").read_text())
+    assert "train" not in card["split"] and record["training_key"] == card["training_key"]
+    train_keys, val_keys = record["train"], record["val"]
     assert set(train_keys).isdisjoint(val_keys) and len(train_keys) + len(val_keys) == 20
     assert card["split"]["source"] == "stratified" and len(val_keys) >= 2
     assert set(card["stages"]) == {"fold-0", "fold-1", "stage1", "stage2"}
@@ -125,16 +131,19 @@ def test_cascade_writes_a_complete_model_folder_and_reuses_it(cache, tmp_path, c
                                     "val_stage1", "val_cascade"}
 
     # out-of-fold: every fold model never saw the subjects it predicted
-    oof_rows = (model_dir / "crossfit" / "oof.csv").read_text().splitlines()[1:]
+    oof_rows = (records / "crossfit" / "oof.csv").read_text().splitlines()[1:]
     oof = {r.split(",")[0]: (int(r.split(",")[1]), float(r.split(",")[2])) for r in oof_rows}
     assert sorted(oof) == sorted(train_keys)
     for f in (0, 1):
-        _, fold_card = load_stage_model(model_dir / "crossfit" / f"fold-{f}")
+        load_stage_model(model_dir / "crossfit" / f"fold-{f}")  # loads without its ids
+        fold_card = json.loads((records / "crossfit" / f"fold-{f}" / "ids.json").read_text())
         held = {k for k, (fold, _) in oof.items() if fold == f}
         assert held and set(fold_card["train_ids"]) == set(train_keys) - held
         assert fold_card["val_ids"] == val_keys
     _, s2_card = load_stage_model(model_dir / "stage2")
-    assert s2_card["train_ids"] == train_keys and s2_card["stage"] == 2
+    assert s2_card["stage"] == 2 and "train_ids" not in s2_card
+    s2_ids = json.loads((records / "stage2" / "ids.json").read_text())
+    assert s2_ids["train_ids"] == train_keys
 
     # the saved cascade reproduces the validation predictions in stage2/predictions.csv
     cascade_model, card2 = load_cascade(model_dir)
@@ -154,7 +163,7 @@ def test_cascade_writes_a_complete_model_folder_and_reuses_it(cache, tmp_path, c
     s1 = predict(cascade_model.stage1, val)
     final = predict(cascade_model.stage2, val.with_stage1(s1))
     saved = [r.split(",") for r in
-             (model_dir / "stage2" / "predictions.csv").read_text().splitlines()[1:]]
+             (records / "stage2" / "predictions.csv").read_text().splitlines()[1:]]
     assert [r[0] for r in saved] == val_keys
     np.testing.assert_allclose(s1, [float(r[1]) for r in saved], atol=2e-3)
     np.testing.assert_allclose(final, [float(r[2]) for r in saved], atol=2e-3)

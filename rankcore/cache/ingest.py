@@ -153,13 +153,13 @@ def commit_batch(plan: IngestPlan, result: BatchResult) -> None:
         cached = plan.existing.get(out.key)
         if out.status == "written":
             plan.ingested += 1
-            logger.info("ingested %s: %s", out.key, out.log)
+            logger.debug("ingested %s: %s", out.key, out.log)
             if cached is not None:
                 plan.dead.add((cached.shard, cached.index))
         elif out.status == "unchanged":  # only sent with the cached row's digest
             # Same bytes under a new stat (touched, copied or moved): keep the row, update it.
             plan.reused.add(out.key)
-            logger.info("reused %s: %s", out.key, out.log)
+            logger.debug("reused %s: %s", out.key, out.log)
             row = plan.todo_rows[out.key]
             plan.relabel[(cached.shard, cached.index)] = {
                 **label_values(row), "source_path": str(row.path),

@@ -18,8 +18,14 @@ Sequence of :func:`predict_cohort`:
 4. Predict every remaining subject once (with ``engine="ray"`` as Ray tasks that read their
    own rows from the cache, on GPU workers when ``device="cuda"``; see
    :func:`rankcore.train.ray_predict.predict_ray`); write the predictions table (CSV or
-   Parquet by extension) and ``<out_file without extension>.quarantine.csv`` (participant_id, key,
-   source, category, message; header only when nothing was set aside).
+   Parquet by extension): one row per predicted subject (``status`` "predicted") and one per
+   subject set aside (``status`` its category, ``reason`` the message, no prediction); and
+   ``<out_file without extension>.quarantine.csv`` (participant_id, key, source, category,
+   message; header only when nothing was set aside).
+
+The cohort may be a BIDS root, a manifest, one image file (.nii, .nii.gz, .mgz) or a folder
+of images (:func:`rankcore.mri.read_cohort`); ages are optional. Preprocessing shows a
+progress bar on a terminal (:mod:`rankcore.progress`).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rankcore.conformal import load_interval
 from rankcore.errors import InputError
 from rankcore.inference.bias_store import load_bias
 from rankcore.inference.model import check_preprocess, describe_config, predict_cascade
@@ -131,6 +138,22 @@ def _prepare(model_dir: str | Path, cohort: str | Path, out_file: Path, *, bias_
     return cascade, card, config, correction, parsed
 
 
+def _with_set_aside(predicted: pa.Table, set_aside: list[dict[str, Any]]) -> pa.Table:
+    """The predictions table with a ``status`` column (``"predicted"``, or the category of a
+    subject set aside) and a ``reason`` column, and one row per subject set aside (no
+    prediction), so that one table says what happened to every subject of the cohort."""
+    n = predicted.num_rows
+    table = predicted.append_column("status", pa.array(["predicted"] * n, pa.string()))
+    table = table.append_column("reason", pa.array([None] * n, pa.string()))
+    rows = [{"participant_id": q["participant_id"], "status": q["category"],
+             "reason": q["message"], **({"source_path": q["source"]}
+                                        if "source_path" in table.column_names else {})}
+            for q in set_aside]
+    if not rows:
+        return table
+    return pa.concat_tables([table, pa.Table.from_pylist(rows, schema=table.schema)])
+
+
 def check_prediction(model_dir: str | Path, cohort: str | Path, out_file: str | Path, *,
                      bias_correct: bool = False, bias_method: str = "beheshti",
                      bias_file: str | Path | None = None, spacing: float | None = None,
@@ -203,7 +226,11 @@ def predict_cohort(model_dir: str | Path, cohort: str | Path, out_file: str | Pa
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(out_file)
     log.info("predicting %d subject-session(s) of %s with %s; preprocessing (%s) into %s",
              len(parsed.rows), cohort, model_dir, describe_config(config), cache)
-    ingest = ingest_cohort(parsed, cache, config, engine=engine, workers=workers, prune=False)
+    from rankcore.progress import progress_bar
+
+    with progress_bar("preprocessing", len(parsed.rows)) as bar:
+        ingest = ingest_cohort(parsed, cache, config, engine=engine, workers=workers,
+                               prune=False, progress=bar)
 
     view = open_cache(cache, config)
     quarantine = pq.read_table(view.layout.quarantine_path).to_pylist() \
@@ -256,8 +283,9 @@ def predict_cohort(model_dir: str | Path, cohort: str | Path, out_file: str | Pa
         [col["participant_id"][i] for i in rows], [col["session"][i] for i in rows],
         [col["site"][i] for i in rows], ages, stage1, final, correction=correction,
         method=bias_method, extra={"sex": [col["sex"][i] for i in rows],
-                                   "source_path": [sources[i] for i in rows]})
-    write_table(out, out_file)
+                                   "source_path": [sources[i] for i in rows]},
+        interval=load_interval(card))
+    write_table(_with_set_aside(out, q_rows), out_file)
     warnings = []
     if bias_correct and bias_method == "beheshti" and not np.isfinite(ages).all():
         warnings.append(f"{int((~np.isfinite(ages)).sum())} subject(s) have no age: their "

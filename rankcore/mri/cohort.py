@@ -19,7 +19,12 @@ Manifest (a .csv, .tsv or .parquet file): columns ``participant_id``, ``path``, 
 ``session``; other columns are kept in ``extra``. Relative paths resolve against the
 manifest's folder, which is the cohort root.
 
-Both kinds: "n/a" (and empty cells) are missing; "89+" is age 89.0 with ``age_censored``;
+A single image file (.nii, .nii.gz, .mgz, .mgh), or a folder holding image files directly
+(no participants.tsv, no sub-*/ folders), gives one row per image without metadata, named
+after the file (``sub-01_T1w.nii.gz`` -> ``sub-01``): this is for prediction, so ages must
+not be required. Two files with the same name but another extension are `duplicate_id`.
+
+All kinds: "n/a" (and empty cells) are missing; "89+" is age 89.0 with ``age_censored``;
 sex "m"/"male"/"f"/"female" become "M"/"F". An image whose real path (symlinks and ".."
 resolved) leaves the cohort root is `outside_root` unless ``allow_outside_root``. Row
 problems become :class:`QuarantineEntry` records, never exceptions: a repeated
@@ -47,6 +52,42 @@ _MANIFEST_COLUMNS = ("participant_id", "path", "age", "sex", "site", "split", "s
 _BIDS_COLUMNS = ("participant_id", "age", "sex", "site", "split")
 _MANIFEST_SUFFIXES = (".csv", ".tsv", ".parquet")
 _T1W_PATTERNS = ("*_T1w.nii", "*_T1w.nii.gz")
+#: File names read as one image each (a single-image cohort, or a folder of images).
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".mgz", ".mgh")
+
+
+def _is_image(path: Path) -> bool:
+    return path.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _image_id(path: Path) -> str:
+    """``sub-01_T1w.nii.gz`` -> ``sub-01``; ``scan 3.mgz`` -> ``scan 3``."""
+    name = path.name
+    for suffix in IMAGE_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[:-len(suffix)]
+            break
+    return name.removesuffix("_T1w") or name
+
+
+def _read_images(paths: list[Path], root: Path, kind: str, allow_outside_root: bool,
+                 require_age: bool) -> Cohort:
+    """One row per image, named after its file, without metadata (prediction only)."""
+    if require_age:
+        raise InputError(f"{paths[0] if kind == 'image' else root}: an image file or a folder of "
+                         "images carries no ages, and ages are required here: write a manifest "
+                         "(.csv with participant_id, path, age) or a BIDS participants.tsv")
+    out = _Collector(Path(os.path.realpath(root)), allow_outside_root, require_age)
+    by_id: dict[str, list[Path]] = {}
+    for path in sorted(paths):
+        by_id.setdefault(_image_id(path), []).append(path)
+    for pid, group in by_id.items():
+        for other in group[1:]:  # as for BIDS: the first by name is kept
+            out.reject(pid, str(other), "duplicate_id",
+                       f"{other.name}: another image named {pid}; kept {group[0].name}")
+        if out.image(pid, group[0], group[0].name):
+            out.rows.append(CohortRow(participant_id=pid, path=group[0]))
+    return out.cohort(kind)
 
 
 class _Collector:
@@ -233,7 +274,8 @@ def _read_bids(root: Path, allow_outside_root: bool, require_age: bool) -> Cohor
                          "when ages are required; a manifest must be a .csv, .tsv or .parquet")
     elif not images:
         raise InputError(f"{root}: neither a BIDS folder (no participants.tsv, no "
-                         "sub-*/[ses-*/]anat/*_T1w.nii[.gz]) nor a manifest file")
+                         "sub-*/[ses-*/]anat/*_T1w.nii[.gz]), a manifest file nor a folder of "
+                         f"images ({', '.join(IMAGE_SUFFIXES)})")
     else:
         table = Table(tsv, ("participant_id",), ())
     if require_age and "age" not in table.columns:
@@ -304,7 +346,8 @@ def read_cohort(path: str | Path, *, allow_outside_root: bool = False,
     """Read a cohort from a BIDS root folder or a manifest file (see the module docstring).
 
     Args:
-        path: BIDS root folder, or manifest .csv / .tsv / .parquet.
+        path: BIDS root folder, manifest .csv / .tsv / .parquet, one image file, or a folder
+            of image files (the last two only with ``require_age=False``).
         allow_outside_root: accept images whose real path leaves the cohort root (the BIDS
             folder, or the manifest's folder).
         require_age: every usable row must have an age (training, evaluation); False for
@@ -320,11 +363,17 @@ def read_cohort(path: str | Path, *, allow_outside_root: bool = False,
     """
     p = Path(path).absolute()
     if p.is_dir():
+        if not (p / "participants.tsv").is_file() and not _bids_images(p):
+            images = [f for f in p.iterdir() if f.is_file() and _is_image(f)]
+            if images:
+                return _read_images(images, p, "images", allow_outside_root, require_age)
         return _read_bids(p, allow_outside_root, require_age)
     if not p.exists():
-        raise InputError(f"{p}: cohort does not exist (expected a BIDS folder or a manifest "
-                         ".csv, .tsv or .parquet)")
+        raise InputError(f"{p}: cohort does not exist (expected a BIDS folder, a manifest "
+                         ".csv, .tsv or .parquet, an image or a folder of images)")
+    if _is_image(p):
+        return _read_images([p], p.parent, "image", allow_outside_root, require_age)
     if p.suffix.lower() not in _MANIFEST_SUFFIXES:
-        raise InputError(f"{p}: neither a BIDS folder nor a manifest file (.csv, .tsv, "
-                         f".parquet)")
+        raise InputError(f"{p}: neither a BIDS folder, a manifest file (.csv, .tsv, .parquet) "
+                         f"nor an image ({', '.join(IMAGE_SUFFIXES)})")
     return _read_manifest(p, allow_outside_root, require_age)

@@ -16,14 +16,15 @@ import csv
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
 
 from rankcore.errors import InputError
 from rankcore.mri.types import Cohort, CohortRow
 
-__all__ = ["MANIFEST_COLUMNS", "cohort_fingerprint", "has_test_split", "with_test_split",
-           "write_manifest"]
+__all__ = ["MANIFEST_COLUMNS", "cohort_fingerprint", "has_test_split", "held_out_participants",
+           "with_test_split", "write_manifest"]
 
 #: Columns of a manifest written by :func:`write_manifest` (then the rows' extra columns).
 MANIFEST_COLUMNS = ("participant_id", "session", "path", "age", "sex", "site", "split")
@@ -41,15 +42,47 @@ def _draw(seed: int, participant_id: str) -> float:
     return int(h[:15], 16) / 16**15
 
 
+def _check_fraction(fraction: float) -> float:
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) \
+            or not 0.0 < float(fraction) <= 0.5:
+        raise InputError(f"`fraction` must be a number in (0, 0.5], got {fraction!r}")
+    return float(fraction)
+
+
+def held_out_participants(participant_ids: Iterable[str], fraction: float, seed: int
+                          ) -> frozenset[str]:
+    """The participants of ``participant_ids`` that the stable hash holds out as ``test``.
+
+    Each participant draws a number u in [0, 1) from a sha256 of ``seed`` and its id and is
+    held out when u < ``fraction``. The draw depends on nothing else, so the split is stable
+    as the pool grows (a participant never moves between splits when others are added) and
+    reproducible. At least two participants are held out when the pool has four or more
+    (those with the smallest u), so that a rank correlation exists. The pipeline (on the
+    cohort table) and ``brainrank train`` (on a cache without a ``test`` row) both use it.
+
+    Args:
+        participant_ids: the pool (duplicates are ignored).
+        fraction: expected share of the pool to hold out, in (0, 0.5].
+        seed: seeds the draws.
+
+    Raises:
+        InputError: ``fraction`` out of range.
+    """
+    fraction = _check_fraction(fraction)
+    pool = sorted(set(participant_ids))
+    u = {pid: _draw(int(seed), pid) for pid in pool}
+    held_out = {pid for pid in pool if u[pid] < fraction}
+    if len(held_out) < 2 <= len(pool) // 2:
+        held_out |= set(sorted(pool, key=u.__getitem__)[:2])
+    return frozenset(held_out)
+
+
 def with_test_split(cohort: Cohort, fraction: float, seed: int) -> Cohort:
     """Label about ``fraction`` of the unlabelled participants ``test``; keep other labels.
 
-    Each participant draws a number u in [0, 1) from a hash of ``seed`` and its id and is
-    held out when u < ``fraction``; all its unlabelled sessions follow it. The draw depends on
-    nothing else, so the split is stable as the cohort grows (a subject never moves between
-    splits when others are added) and reproducible. At least two participants are held out
-    when four or more are unlabelled (those with the smallest u), so that a rank correlation
-    exists. Rows without an age stay unlabelled.
+    The participants with an age and no label form the pool of
+    :func:`held_out_participants`; all unlabelled sessions of a held-out participant follow
+    it. Rows without an age stay unlabelled.
 
     Args:
         cohort: a parsed cohort.
@@ -62,17 +95,12 @@ def with_test_split(cohort: Cohort, fraction: float, seed: int) -> Cohort:
     Raises:
         InputError: ``fraction`` out of range.
     """
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float) \
-            or not 0.0 < float(fraction) <= 0.5:
-        raise InputError(f"`fraction` must be a number in (0, 0.5], got {fraction!r}")
-    pool = sorted({row.participant_id for row in cohort.rows
-                   if row.split is None and row.age is not None})
+    _check_fraction(fraction)
+    pool = {row.participant_id for row in cohort.rows
+            if row.split is None and row.age is not None}
     if not pool:
         return cohort
-    u = {pid: _draw(int(seed), pid) for pid in pool}
-    held_out = {pid for pid in pool if u[pid] < float(fraction)}
-    if len(held_out) < 2 <= len(pool) // 2:
-        held_out |= set(sorted(pool, key=u.__getitem__)[:2])
+    held_out = held_out_participants(pool, fraction, seed)
     rows = tuple(replace(row, split=TEST)
                  if row.split is None and row.age is not None and row.participant_id in held_out
                  else row for row in cohort.rows)

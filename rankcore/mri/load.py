@@ -405,8 +405,11 @@ def load_volume(path: str | Path, config: PreprocessConfig, *, raw: bytes | None
     multiplication (~5x faster). The result is Fortran-ordered (NIfTI's voxel order) and
     writeable.
 
+    FreeSurfer .mgz / .mgh files are read through nibabel instead (:mod:`rankcore.mri.mgh`),
+    with the same checks.
+
     Args:
-        path: .nii or .nii.gz file.
+        path: .nii, .nii.gz, .mgz or .mgh file.
         config: preprocessing configuration (``max_voxels``).
         raw: the whole file's bytes when already read (:func:`read_source`); decoded instead
             of reading ``path`` (which then only names the file and its format).
@@ -420,6 +423,10 @@ def load_volume(path: str | Path, config: PreprocessConfig, *, raw: bytes | None
         QuarantineError: any category of :func:`inspect_header`, `unreadable` when the voxel
             data cannot be read (truncated or corrupt stream), `nonfinite`, `empty`.
     """
+    if str(path).lower().endswith((".mgz", ".mgh")):
+        from rankcore.mri.mgh import load_mgh_volume
+
+        return load_mgh_volume(path, config, raw)
     info = inspect_header(path, config, raw=raw)
     dtype = np.dtype(info.dtype)
     need = info.data_offset + info.n_voxels * dtype.itemsize

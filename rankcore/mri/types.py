@@ -83,7 +83,7 @@ class Cohort:
     """
 
     root: Path
-    kind: Literal["bids", "manifest"]
+    kind: Literal["bids", "manifest", "image", "images"]
     rows: tuple[CohortRow, ...]
     quarantine: tuple[QuarantineEntry, ...] = ()
     notes: tuple[str, ...] = ()

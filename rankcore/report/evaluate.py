@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import uuid
 from dataclasses import dataclass, field
@@ -33,14 +32,25 @@ import numpy as np
 
 from rankcore._io import remove_leftovers
 from rankcore.bias import BiasCorrection, fit_bias_correction
+from rankcore.conformal import interval_coverage, load_interval
 from rankcore.errors import InputError
 from rankcore.inference.bias_store import BIAS_FILE, load_bias, save_bias
 from rankcore.inference.model import describe_config, model_preprocess, predict_cascade
+from rankcore.report._files import (
+    CURVES_FILE,
+    METRICS_FILE,
+    copy_curves,
+    json_safe,
+    prepare_out_dir,
+    swap_in,
+)
 from rankcore.report.floor import simulated_floor
 from rankcore.report.metrics_table import build_metrics
 from rankcore.report.plots import plot_gap_vs_age, plot_pred_vs_age, plot_site_boxes
 from rankcore.report.predictions import predictions_table, write_table
+from rankcore.report.qc import QC_FILE, QCSubject, render_qc
 from rankcore.report.render import Figure, render_html, render_markdown, report_blocks
+from rankcore.train.card_info import read_split_record
 
 __all__ = ["ALL_SPLITS", "Evaluation", "check_evaluation", "evaluate_model"]
 
@@ -48,8 +58,6 @@ log = logging.getLogger("rankcore.report")
 
 #: ``split`` value that evaluates every row of the cache.
 ALL_SPLITS = "all"
-METRICS_FILE = "metrics.json"
-CURVES_FILE = "training_curves.png"
 
 
 @dataclass(frozen=True)
@@ -69,33 +77,6 @@ class Evaluation:
     files: dict[str, str]
     summary_markdown: str
     warnings: tuple[str, ...] = field(default_factory=tuple)
-
-
-def _prepare_out_dir(out_dir: Path) -> None:
-    """Refuse an out_dir that exists and is neither empty nor an earlier report."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise InputError(f"`out_dir` must be a folder, got the file {str(out_dir)!r}")
-    if any(out_dir.iterdir()) and not (out_dir / METRICS_FILE).is_file():
-        raise InputError(f"`out_dir` {str(out_dir)!r} is not empty and holds no earlier report "
-                         "(metrics.json): choose another folder")
-
-
-def _swap_in(tmp: Path, out_dir: Path) -> None:
-    """Rename the finished ``tmp`` onto ``out_dir`` (replacing an earlier report)."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-    try:
-        os.replace(tmp, out_dir)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out_dir)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _open_model_cache(cache_dir: str | Path, config: Any) -> Any:
@@ -159,7 +140,7 @@ def _validation_correction(cascade: Any, card: dict[str, Any], model_dir: Path,
     """
     from rankcore.cache import open_cache
 
-    val_keys = tuple(card.get("split", {}).get("val", ()))
+    val_keys = tuple(read_split_record(model_dir, card).get("val", ()))
     digest = card.get("data", {}).get("digest")
     candidates = [(str(cache_dir), view, data)]
     train_cache = card.get("data", {}).get("cache_dir")
@@ -193,31 +174,50 @@ def _validation_correction(cascade: Any, card: dict[str, Any], model_dir: Path,
     return correction, f"stored in {model_dir / BIAS_FILE}", val_keys
 
 
-def _copy_curves(model_dir: Path, card: dict[str, Any], tmp: Path) -> bool:
-    src = model_dir / card.get("files", {}).get("curves", CURVES_FILE)
-    if src.is_file():
-        shutil.copyfile(src, tmp / CURVES_FILE)
-        return True
-    stages = card.get("stages")
-    if isinstance(stages, dict) and stages:
-        from rankcore.train.curves import plot_training_curves
+def _write_qc(tmp: Path, view: Any, rows: np.ndarray, ages: np.ndarray, final: np.ndarray,
+              pred_table: Any, model_dir: Path, split: str) -> None:
+    """qc.html: a montage per evaluated subject and the cache's quarantine table."""
+    import pyarrow.parquet as pq
 
-        plot_training_curves({j: s.get("history", []) for j, s in stages.items()},
-                             tmp / CURVES_FILE, title=f"cascade {model_dir.name}")
-        return True
-    return False
+    cols = pred_table.column_names
+    bounds = [np.asarray(pred_table.column(c).to_numpy(zero_copy_only=False), np.float64)
+              if c in cols else np.full(len(rows), np.nan) for c in ("interval_low",
+                                                                     "interval_high")]
+    keys = [view.keys[i] for i in rows]
+    subjects = [QCSubject(k, float(a), float(p), float(lo), float(hi))
+                for k, a, p, lo, hi in zip(keys, ages, final, *bounds)]
+    qpath = view.layout.quarantine_path
+    quarantine = pq.read_table(qpath).to_pylist() if qpath.exists() else []
+    render_qc(subjects, lambda i: view.read_volume(int(rows[i])), quarantine, tmp / QC_FILE,
+              title=f"QC of {model_dir.name} on split {split}")
 
 
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float | np.floating):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    return obj
+def _split_rows(view: Any, card: dict[str, Any], split: str, cache_dir: str) -> np.ndarray:
+    """Rows of ``split``: its label, or the test split the model's training held out by hash."""
+    from rankcore.train.split import HELD_OUT, held_out_test_rows
+
+    labels = view.table.column("split").to_pylist()
+    test = card.get("split", {}).get("test", {})
+    if split == ALL_SPLITS:
+        rows = np.arange(len(view))
+    elif split in view.splits:
+        rows = np.flatnonzero(np.asarray([s == split for s in labels]))
+    elif split == "test" and test.get("source") == HELD_OUT:
+        ages = view.table.column("age").to_numpy(zero_copy_only=False).astype(np.float64)
+        rows = np.flatnonzero(held_out_test_rows(
+            view.table.column("participant_id").to_pylist(), ages, labels,
+            float(test["fraction"]), int(test["seed"])))
+    else:
+        why = ("" if split != "test" else ": the model holds out no test split of its own "
+               "(trained with --test-fraction 0, or by an older brainrank); retrain with "
+               "`brainrank train CACHE_DIR --out MODEL_DIR` (it holds out 20 % by default), "
+               "label a test split in the cohort's `split` column, or pass --split all to "
+               "score every cached subject (in-sample for the training subjects)")
+        raise InputError(f"`split` must be one of {[*view.splits, ALL_SPLITS]} for cache "
+                         f"{cache_dir!r}, got {split!r}{why}")
+    if len(rows) == 0:
+        raise InputError(f"cache {cache_dir!r} has no subjects in split {split!r}")
+    return rows
 
 
 def _setup(model_dir: Path, cache_dir: str | Path, out_dir: Path, split: str,
@@ -231,21 +231,12 @@ def _setup(model_dir: Path, cache_dir: str | Path, out_dir: Path, split: str,
 
     if not isinstance(split, str) or not split:
         raise InputError(f"`split` must be a split name or 'all', got {split!r}")
-    _prepare_out_dir(out_dir)
+    prepare_out_dir(out_dir)
     cascade, card = load_cascade(model_dir, resolve_device(device))
     config = model_preprocess(card)
     view = _open_model_cache(cache_dir, config)
     warning = check_complete(cache_dir, config, allow_incomplete=allow_incomplete_cache)
-    labels = view.table.column("split").to_pylist()
-    if split == ALL_SPLITS:
-        rows = np.arange(len(view))
-    else:
-        if split not in view.splits:
-            raise InputError(f"`split` must be one of {[*view.splits, ALL_SPLITS]} for cache "
-                             f"{str(cache_dir)!r}, got {split!r}")
-        rows = np.flatnonzero(np.asarray([s == split for s in labels]))
-    if len(rows) == 0:
-        raise InputError(f"cache {str(cache_dir)!r} has no subjects in split {split!r}")
+    rows = _split_rows(view, card, split, str(cache_dir))
     return cascade, card, config, view, rows, warning
 
 
@@ -309,8 +300,7 @@ def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | 
         cascade, card, model_dir, cache_dir, view, data, config, batch_size)
     keys = [view.keys[i] for i in rows]
     same_data = _data_digest(view) == card.get("data", {}).get("digest")
-    split_card = card.get("split", {})
-    trained_on = set(split_card.get("train", ())) | set(val_keys)
+    trained_on = set(read_split_record(model_dir, card).get("train", ())) | set(val_keys)
     overlap = sum(k in trained_on for k in keys) if same_data else 0
     if overlap:
         warnings.append(f"{overlap} of the {len(keys)} evaluated subjects were used in "
@@ -326,6 +316,10 @@ def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | 
     metrics = build_metrics(final, stage1, ages, sites, correction=correction, n_boot=n_boot,
                             seed=seed, level=level)
     metrics["bias_corrected"]["source"] = bias_source
+    interval = load_interval(card)
+    metrics["interval"] = None if interval is None else {
+        "level": interval.level, "n_calibration": interval.n_calibration,
+        "exact": interval.exact, **interval_coverage(*interval.bounds(final), ages)}
     sources = table.column("source_path").to_pylist()
     pids = table.column("participant_id").to_pylist()
     metrics["floor"] = simulated_floor([sources[i] for i in rows], [pids[i] for i in rows])
@@ -336,7 +330,7 @@ def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | 
         "same_data_as_training": same_data, "overlap_with_training": overlap,
         "warnings": warnings,
     })
-    metrics = _json_safe(metrics)
+    metrics = json_safe(metrics)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(out_dir)  # of a killed earlier run (the CLI holds the folder's lock)
@@ -346,7 +340,7 @@ def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | 
         sessions = table.column("session").to_pylist()
         pred_table = predictions_table(
             [pids[i] for i in rows], [sessions[i] for i in rows], sites, ages, stage1, final,
-            correction=correction, cole=True)
+            correction=correction, cole=True, interval=interval)
         write_table(pred_table, tmp / "predictions.csv")
         if correction is not None:
             save_bias(tmp / BIAS_FILE, correction, card, source=bias_source,
@@ -364,28 +358,32 @@ def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | 
         plot_pred_vs_age(ages, final, tmp / figures[0].file, stage1=stage1)
         plot_gap_vs_age(ages, gap, tmp / figures[1].file, corrected_gap=corrected_gap)
         plot_site_boxes(sites, gap, tmp / figures[2].file)
-        if _copy_curves(model_dir, card, tmp):
+        _write_qc(tmp, view, rows, ages, final, pred_table, model_dir, split)
+        if copy_curves(model_dir, card, tmp):
             figures.append(Figure(CURVES_FILE, "Training curves (copied from the model "
                                                "folder)"))
         facts = [f"model: {model_dir.resolve()} (training key "
                  f"{str(card.get('training_key'))[:12]})",
                  f"cache: {Path(cache_dir).resolve()} ({describe_config(config)})",
                  f"split: {split} ({len(rows)} subjects, {metrics['n']} with an age)",
-                 f"bias correction: {bias_source}", *warnings]
+                 f"bias correction: {bias_source}",
+                 f"QC page: {QC_FILE} next to this report (mid-slice montages, largest gaps "
+                 "first; subjects set aside at ingest)", *warnings]
         title = f"Brain-age evaluation of {model_dir.name} on split {split}"
         blocks = report_blocks(metrics, figures, title=title, facts=facts)
         (tmp / "report.md").write_text(render_markdown(blocks), encoding="utf-8")
         (tmp / "report.html").write_text(render_html(blocks, tmp), encoding="utf-8")
         (tmp / METRICS_FILE).write_text(json.dumps(metrics, indent=2, allow_nan=False) + "\n",
                                         encoding="utf-8")
-        _swap_in(tmp, out_dir)
+        swap_in(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if correction is not None and store_bias:
         try:
+            # No validation ids in the model folder: it is meant to be shared.
             save_bias(model_dir / BIAS_FILE, correction, card, source=bias_source,
-                      val_keys=list(val_keys))
+                      n_val=len(val_keys))
         except OSError as err:
             log.warning("could not store the bias correction in %s: %s", model_dir, err)
     files = {p.name: str(p) for p in sorted(out_dir.iterdir()) if p.is_file()}

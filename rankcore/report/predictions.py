@@ -51,7 +51,7 @@ def predictions_table(participant_id: Sequence[str], session: Sequence[str | Non
                       site: Sequence[str | None], age: Any, stage1: Any, predicted: Any, *,
                       correction: BiasCorrection | None = None, method: str = "beheshti",
                       cole: bool = False, extra: Mapping[str, Sequence[Any]] | None = None,
-                      ) -> pa.Table:
+                      interval: Any = None) -> pa.Table:
     """Build the predictions table.
 
     Args:
@@ -62,6 +62,8 @@ def predictions_table(participant_id: Sequence[str], session: Sequence[str | Non
         method: its form in ``corrected_*``: ``"beheshti"`` (Beheshti/Smith) or ``"cole"``.
         cole: also add Cole's form (``*_cole``; empty when its slope is not positive).
         extra: further columns appended as they are (N values each).
+        interval: a :class:`rankcore.conformal.ConformalInterval` (the model card's): adds
+            ``interval_low`` / ``interval_high`` (years) around ``predicted``.
 
     Returns:
         A pyarrow Table with :data:`PREDICTION_COLUMNS` (and the optional columns).
@@ -94,6 +96,9 @@ def predictions_table(participant_id: Sequence[str], session: Sequence[str | Non
         "corrected_age": _nullable(corrected),
         "corrected_gap": _nullable(corrected - a),
     }
+    if interval is not None:
+        low, high = interval.bounds(p)
+        columns["interval_low"], columns["interval_high"] = _nullable(low), _nullable(high)
     if cole:
         columns["corrected_age_cole"] = _nullable(corrected_cole)
         columns["corrected_gap_cole"] = _nullable(corrected_cole - a)

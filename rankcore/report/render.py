@@ -110,6 +110,18 @@ def report_blocks(metrics: Mapping[str, Any], figures: Sequence[Figure], *,
                                  f"chronological age; whole cohort "
                                  f"{_f(floor.get('cohort_mae'), ' y', 2)})."))
 
+    iv = metrics.get("interval")
+    if iv:
+        blocks.append(Block("h2", "Prediction interval"))
+        blocks.append(Block("p", (
+            f"Every estimate comes with a {100 * iv['level']:.0f} % split-conformal interval "
+            f"(columns interval_low / interval_high), calibrated on {iv['n_calibration']} "
+            f"validation subjects and wider for older estimates. On these {iv['n']} subjects it "
+            f"covered {_f(iv['coverage'] and 100 * iv['coverage'], ' %', 1)} of the true ages "
+            f"(nominal {100 * iv['level']:.0f} %); mean width {_f(iv['mean_width'], ' y', 1)}."
+            + ("" if iv.get("exact", True) else " Too few calibration subjects for the "
+               "guarantee: the largest validation score was used."))))
+
     blocks.append(Block("h2", "Age-bias correction"))
     bc = metrics.get("bias_corrected") or {}
     if bc.get("available"):

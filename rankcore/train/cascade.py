@@ -17,16 +17,22 @@ process, in a process pool or as a Prefect task, and the job is the retry unit. 
 run again resumes from its latest epoch checkpoint (a finished job only recomputes its
 predictions). ``fold-*`` and ``stage1`` are independent; ``stage2`` needs all of them.
 
-MODEL_DIR layout::
+MODEL_DIR layout (no participant id anywhere in it: it is meant to be shared)::
 
-    card.json               config, data digest, split, metrics per epoch of every job,
-                            summary metrics, library versions, rank convention, the cache's
-                            preprocessing config
+    card.json               config, data digest, how the split was made (counts and seeds),
+                            metrics per epoch of every job, summary metrics, library versions,
+                            rank convention, the cache's preprocessing config, intended use,
+                            training population (age range, sex and site mix)
     training_curves.png     training loss and validation MAE per epoch of every job
-    stage1/                 model.safetensors + card.json (final stage 1), predictions.csv
-    stage2/                 model.safetensors + card.json, predictions.csv (validation)
-    crossfit/fold-i/        model.safetensors + card.json + heldout.csv of each fold model
-    crossfit/oof.csv        key, fold, stage1_oof: stage 2's training input
+    stage1/, stage2/        model.safetensors + card.json
+    crossfit/fold-i/        model.safetensors + card.json of each fold model
+
+MODEL_DIR.records/ (per-subject training records; keep them with the data,
+:mod:`rankcore.train.card_info`)::
+
+    split.json              training key, training and validation keys, folds
+    stage1/predictions.csv  key, role, stage1;   stage2/predictions.csv: key, stage1, cascade
+    crossfit/fold-i/heldout.csv, crossfit/oof.csv   key, fold, stage1_oof
 """
 
 from __future__ import annotations
@@ -48,6 +54,13 @@ import torch
 from rankcore._sealed import read_sealed, seal
 from rankcore.errors import CheckpointError, CorruptFileError, TrainingError
 from rankcore.models.cascade import Cascade
+from rankcore.train.card_info import (
+    INTENDED_USE,
+    cache_population,
+    card_interval,
+    move_records,
+    records_dir,
+)
 from rankcore.train.cascade_jobs import (
     HELDOUT_FILE,
     PREDICTIONS_FILE,
@@ -161,7 +174,11 @@ def _build_card(plan: CascadePlan, staging: Path) -> dict[str, Any]:
                  "preproc_digest": plan.preproc_digest,
                  "n_train": len(train_keys), "n_val": len(val_keys)},
         "preprocess": dict(plan.preprocess, digest=plan.preproc_digest),
-        "split": dict(plan.split, folds=dict(zip(train_keys, plan.folds))),
+        "split": {k: v for k, v in plan.split.items() if k not in ("train", "val")},
+        "intended_use": INTENDED_USE,
+        "training_population": cache_population(plan.cache_dir, plan.preprocess,
+                                                [*train_keys, *val_keys]),
+        "records": records_dir(plan.model_dir).name,
         "stages": stages,
         "metrics": {
             "train_stage1_oof": oof_metrics,
@@ -169,10 +186,11 @@ def _build_card(plan: CascadePlan, staging: Path) -> dict[str, Any]:
             "val_stage1": _metrics(s1_val, val_ages),
             "val_cascade": _metrics(cascade_val, val_ages),
         },
+        "interval": card_interval(cascade_val, val_ages, s1_train, train_ages),
         "versions": library_versions(),
         "rank_convention": rank_convention(config),
         "files": {"stage1": "stage1/model.safetensors", "stage2": "stage2/model.safetensors",
-                  "oof": f"crossfit/{OOF_FILE}", "curves": CURVES_FILE},
+                  "curves": CURVES_FILE},
         "seconds": float(sum(s["seconds"] for s in stages.values())),
     }
 
@@ -197,6 +215,9 @@ def finish_cascade(plan: CascadePlan) -> CascadeResult:
     card = _build_card(plan, staging)
     for job in plan.jobs:
         _prune(stage_dir(plan, job))
+    # Ids out of the model folder before the checksums: the stage cards lose their id lists.
+    records = Path(f"{plan.staging_dir}{Path(card['records']).suffix}")
+    move_records(staging, records, plan.split, plan.folds, plan.training_key)
     plot_training_curves({job: s["history"] for job, s in card["stages"].items()},
                          staging / CURVES_FILE, title=f"cascade {model_dir.name}")
     # Bind the weights to their preprocessing, then let the card's checksum cover the weights.
@@ -208,10 +229,13 @@ def finish_cascade(plan: CascadePlan) -> CascadeResult:
     (staging / CARD_FILE).write_text(text)
     if check_model_dir(model_dir, plan.training_key, config, plan.k_folds, plan.data_digest):
         shutil.rmtree(staging, ignore_errors=True)  # a concurrent run finished first
+        shutil.rmtree(records, ignore_errors=True)
         return CascadeResult(model_dir, json.loads((model_dir / CARD_FILE).read_text()), True)
     if model_dir.exists():
         model_dir.rmdir()  # empty (checked above); rename needs it gone or empty
     os.replace(staging, model_dir)
+    shutil.rmtree(records_dir(model_dir), ignore_errors=True)  # an earlier model's records
+    os.replace(records, records_dir(model_dir))
     clear_data_cache()
     m = card["metrics"]
     log.info("cascade written to %s (val MAE stage 1 %s, cascade %s)", model_dir,
@@ -245,8 +269,8 @@ def train_cascade(cache_dir: str | Path, model_dir: str | Path,
                   engine: str = "local", storage_path: str | Path | None = None,
                   k_folds: int = DEFAULT_K_FOLDS, val_fraction: float = DEFAULT_VAL_FRACTION,
                   preprocess: Any = None, stage2: dict[str, Any] | None = None,
-                  progress: Progress | None = None,
-                  stage2_source: str | None = None) -> CascadeResult:
+                  progress: Progress | None = None, stage2_source: str | None = None,
+                  test_fraction: float = 0.0, split_seed: int = 0) -> CascadeResult:
     """Train the cascade on a cache and write MODEL_DIR (see the module docstring).
 
     Idempotent: when MODEL_DIR's card has this run's training key (same configs, folds and
@@ -278,6 +302,9 @@ def train_cascade(cache_dir: str | Path, model_dir: str | Path,
             cascade's output is stage 1's) or ``"insample"`` (stage 2 on the final stage 1's
             in-sample estimates, no fold jobs: an ablation only). See
             :func:`rankcore.train.cascade_plan.plan_cascade`.
+        test_fraction, split_seed: hold out a test split when the cache labels none (see
+            :func:`rankcore.train.cascade_plan.plan_cascade`; ``brainrank train`` holds out
+            0.2 by default, as the pipeline does).
 
     Returns:
         A :class:`CascadeResult`.
@@ -290,7 +317,8 @@ def train_cascade(cache_dir: str | Path, model_dir: str | Path,
     plan = plan_cascade(cache_dir, model_dir, config, k_folds=k_folds,
                         val_fraction=val_fraction, preprocess=preprocess, engine=engine,
                         workers=workers, use_gpu=use_gpu, storage_path=storage_path,
-                        stage2=stage2, stage2_source=stage2_source)
+                        stage2=stage2, stage2_source=stage2_source,
+                        test_fraction=test_fraction, split_seed=split_seed)
     if plan.reuse:
         log.info("reusing %s: its card matches this config and data (digest %s)",
                  plan.model_dir, plan.data_digest[:12])

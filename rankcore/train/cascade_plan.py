@@ -198,7 +198,8 @@ def _sha256_file(path: Path) -> str:
 
 
 def training_key(config: TrainConfig, stage2: TrainConfig, k_folds: int, val_fraction: float,
-                 data_digest: str, stage2_source: str = "oof") -> str:
+                 data_digest: str, stage2_source: str = "oof",
+                 test: dict[str, Any] | None = None) -> str:
     """sha256 naming a run: configs (minus :data:`EXECUTION_KEYS`), folds, data, sorter bytes."""
 
     def learnable(c: TrainConfig) -> dict[str, Any]:
@@ -213,7 +214,8 @@ def training_key(config: TrainConfig, stage2: TrainConfig, k_folds: int, val_fra
                        "val_fraction": float(val_fraction), "data": data_digest,
                        "sorters": sorters,
                        # only when not the default, so that earlier keys stay valid
-                       **({"stage2_source": stage2_source} if stage2_source != "oof" else {})},
+                       **({"stage2_source": stage2_source} if stage2_source != "oof" else {}),
+                       **({"test": test} if test and test.get("source") == "held_out" else {})},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -277,8 +279,8 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
                  k_folds: int = DEFAULT_K_FOLDS, val_fraction: float = DEFAULT_VAL_FRACTION,
                  preprocess: Any = None, engine: str = "local", workers: int = 1,
                  use_gpu: bool = False, storage_path: str | Path | None = None,
-                 stage2: dict[str, Any] | None = None,
-                 stage2_source: str | None = None) -> CascadePlan:
+                 stage2: dict[str, Any] | None = None, stage2_source: str | None = None,
+                 test_fraction: float = 0.0, split_seed: int = 0) -> CascadePlan:
     """Check the inputs of a cascade run and plan it (reads metadata only; writes nothing).
 
     Args:
@@ -302,6 +304,9 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
             on CPU (on CPU, stage 2 and cross-fitting changed the test MAE by <= 0.02 y in
             benchmarks/bench_accuracy.py while costing four of the five training jobs).
             ``"insample"`` is for ablations only.
+        test_fraction, split_seed: when no cached row is labelled ``test``, hold out this
+            share of the unlabelled participants as the test split by the pipeline's stable
+            hash (:func:`rankcore.train.split.training_split`; 0: none). The card records it.
 
     Returns:
         The plan (``reuse`` True when ``model_dir`` already holds this run).
@@ -344,11 +349,13 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
     view = open_cache(cache_dir, preprocess)
     where = f"cache {str(view.layout.folder)!r}"
     table = view.table
-    columns = {c: table.column(c).to_pylist() for c in DIGEST_COLUMNS}
+    columns = {c: table.column(c).to_pylist() for c in (*DIGEST_COLUMNS, "participant_id")}
     digest = cache_data_digest(view.layout.digest, columns)
     ages_all = np.array([np.nan if a is None else a for a in columns["age"]], dtype=np.float64)
     split = training_split(columns["key"], ages_all, columns["site"], columns["split"],
-                           val_fraction=val_fraction, seed=config.seed, where=where)
+                           val_fraction=val_fraction, seed=config.seed, where=where,
+                           participant_ids=columns["participant_id"],
+                           test_fraction=test_fraction, split_seed=split_seed)
     age_of = dict(zip(columns["key"], ages_all.tolist()))
     train_ages = np.array([age_of[k] for k in split.train])
     val_ages = tuple(age_of[k] for k in split.val)
@@ -370,7 +377,7 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
                          f"batch_size {config.batch_size}: use fewer folds, a smaller batch or "
                          "more subjects")
 
-    key = training_key(config, config2, k_folds, val_fraction, digest, stage2_source)
+    key = training_key(config, config2, k_folds, val_fraction, digest, stage2_source, split.test)
     model_dir = Path(model_dir).expanduser().absolute()
     reuse = check_model_dir(model_dir, key, config, k_folds, digest)
     staging = model_dir.parent / f"{model_dir.name}.tmp-{key[:12]}"

@@ -68,7 +68,8 @@ def library_versions() -> dict[str, str]:
 
     out = {"python": platform.python_version(), "torch": torch.__version__,
            "numpy": np.__version__}
-    for dist in ("brainrank", "safetensors"):
+    for dist in ("brainrank", "safetensors", "scipy", "nibabel", "pyarrow", "pydantic",
+                 "prefect", "ray"):  # metadata only: nothing is imported
         with contextlib.suppress(md.PackageNotFoundError):
             out[dist] = md.version(dist)
     return out

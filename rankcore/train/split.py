@@ -3,7 +3,11 @@
 The cache's ``split`` column decides when it says something: rows labelled ``"train"`` train,
 rows labelled ``"val"`` (or ``"validation"``) validate, rows without a label join the training
 pool, and rows with any other label (``"test"``, ...) are never touched by training. When no
-row is labelled ``"val"``, a validation set is carved out of the training pool by
+row is labelled ``"test"`` and a ``test_fraction`` is asked for, the test split is held out of
+the unlabelled rows exactly as the pipeline holds it out of a cohort table
+(:func:`rankcore.mri.holdout.held_out_participants`: a stable hash of the split seed and the
+participant id), and :func:`held_out_test_rows` finds the same rows again at evaluation. When
+no row is labelled ``"val"``, a validation set is carved out of the training pool by
 :func:`stratified_split` (seeded, stratified by site and age). Rows without an age cannot be
 trained on and are left out (counted in :attr:`TrainingSplit.excluded`).
 """
@@ -20,11 +24,16 @@ from typing import Any
 import numpy as np
 
 from rankcore.errors import InputError
+from rankcore.mri.holdout import held_out_participants
 
-__all__ = ["TrainingSplit", "cache_data_digest", "stratified_split", "training_split"]
+__all__ = ["TrainingSplit", "cache_data_digest", "held_out_test_rows", "stratified_split",
+           "training_split"]
 
 TRAIN_LABELS = ("train",)
 VAL_LABELS = ("val", "validation")
+TEST_LABEL = "test"
+#: Value of the ``test.source`` record when the test split was held out by the stable hash.
+HELD_OUT = "held_out"
 
 #: Metadata columns whose values define a cache's training data (the data digest covers them).
 DIGEST_COLUMNS = ("key", "age", "sex", "site", "split", "source_digest", "preproc_digest")
@@ -85,6 +94,9 @@ class TrainingSplit:
         val_fraction: fraction carved out when the cache has no validation rows.
         seed: seed of the carving.
         excluded: rows left out, by reason (``"split:test"``, ``"no_age"``, ...).
+        test: how the test split was made, without ids: ``source`` (``"cache"``: rows
+            labelled ``test``; ``"held_out"``: held out here by the stable hash, with
+            ``fraction`` and ``seed``; ``"none"``: no test split) and ``n`` (rows).
     """
 
     train: tuple[str, ...]
@@ -93,21 +105,42 @@ class TrainingSplit:
     val_fraction: float
     seed: int
     excluded: dict[str, int] = field(default_factory=dict)
+    test: dict[str, Any] = field(default_factory=lambda: {"source": "none", "n": 0})
 
     def to_dict(self) -> dict[str, Any]:
         return {"train": list(self.train), "val": list(self.val), "source": self.source,
                 "val_fraction": self.val_fraction, "seed": self.seed,
-                "excluded": dict(self.excluded)}
+                "excluded": dict(self.excluded), "test": dict(self.test)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainingSplit:
         return cls(tuple(d["train"]), tuple(d["val"]), str(d["source"]),
-                   float(d["val_fraction"]), int(d["seed"]), dict(d.get("excluded", {})))
+                   float(d["val_fraction"]), int(d["seed"]), dict(d.get("excluded", {})),
+                   dict(d.get("test", {"source": "none", "n": 0})))
+
+
+def held_out_test_rows(participant_ids: Sequence[str], ages: Any,
+                       splits: Sequence[str | None], fraction: float, seed: int) -> np.ndarray:
+    """Rows (N,) bool that :func:`training_split` held out as ``test`` with these settings.
+
+    The pool is the unlabelled rows with an age; a participant drawn by
+    :func:`rankcore.mri.holdout.held_out_participants` takes all its pooled rows with it.
+
+    Raises:
+        InputError: ``fraction`` outside (0, 0.5].
+    """
+    ages = np.asarray(ages, dtype=np.float64)
+    pooled = np.array([s is None and bool(np.isfinite(a)) for s, a in zip(splits, ages)],
+                      dtype=bool)
+    held = held_out_participants([p for p, ok in zip(participant_ids, pooled) if ok],
+                                 fraction, seed)
+    return pooled & np.array([p in held for p in participant_ids], dtype=bool)
 
 
 def training_split(keys: Sequence[str], ages: Any, sites: Sequence[str | None],
                    splits: Sequence[str | None], *, val_fraction: float, seed: int,
-                   where: str = "the cache") -> TrainingSplit:
+                   where: str = "the cache", participant_ids: Sequence[str] | None = None,
+                   test_fraction: float = 0.0, split_seed: int = 0) -> TrainingSplit:
     """Decide the training and validation subjects of a cache (see the module docstring).
 
     Args:
@@ -116,16 +149,33 @@ def training_split(keys: Sequence[str], ages: Any, sites: Sequence[str | None],
             labelled ``"val"`` (0: no validation).
         seed: seeds the carving.
         where: how messages name the data.
+        participant_ids: one per row (sessions of one participant share it); None: the keys.
+        test_fraction: share of the unlabelled participants held out as ``test`` when no row
+            is labelled ``test``, in [0, 0.5] (0: none; everything else trains).
+        split_seed: seeds that hold-out (the pipeline's ``split_seed``).
 
     Raises:
-        InputError: no rows, or no row usable for training has an age.
+        InputError: no rows, no row usable for training has an age, or ``test_fraction`` out
+            of range.
     """
     n = len(keys)
     if n == 0:
         raise InputError(f"{where} holds no subjects (an empty cohort, or every subject was "
                          "quarantined at ingest): there is nothing to train on")
+    if isinstance(test_fraction, bool) or not 0.0 <= float(test_fraction) <= 0.5:
+        raise InputError(f"`test_fraction` must be a number in [0, 0.5], got {test_fraction!r}")
     ages = np.asarray(ages, dtype=np.float64)
     labels = [None if s is None else str(s) for s in splits]
+    pids = list(keys) if participant_ids is None else [str(p) for p in participant_ids]
+    n_labelled_test = labels.count(TEST_LABEL)
+    test: dict[str, Any] = {"source": "cache" if n_labelled_test else "none",
+                            "n": n_labelled_test}
+    if not n_labelled_test and test_fraction > 0:
+        held = held_out_test_rows(pids, ages, labels, float(test_fraction), int(split_seed))
+        labels = [TEST_LABEL if h else label for h, label in zip(held, labels)]
+        test = {"source": HELD_OUT, "fraction": float(test_fraction), "seed": int(split_seed),
+                "n": int(held.sum()),
+                "participants": len({p for p, h in zip(pids, held) if h})}
     excluded: Counter[str] = Counter()
     train_idx, val_idx, pool_idx = [], [], []
     n_outside_test = 0
@@ -144,8 +194,10 @@ def training_split(keys: Sequence[str], ages: Any, sites: Sequence[str | None],
             pool_idx.append(i)
     if not (train_idx or val_idx or pool_idx):
         if n_outside_test == 0:
+            hint = (": train with a lower `test_fraction` (--test-fraction)"
+                    if test["source"] == HELD_OUT else "")
             raise InputError(f"{where} has no training subjects: all {n} rows belong to other "
-                             f"splits ({', '.join(sorted(excluded))})")
+                             f"splits ({', '.join(sorted(excluded))}){hint}")
         raise InputError(f"{where} has no ages: none of its {n_outside_test} training "
                          "subject(s) has an age; ingest a cohort whose table gives ages")
     train = sorted(train_idx + pool_idx)
@@ -159,7 +211,7 @@ def training_split(keys: Sequence[str], ages: Any, sites: Sequence[str | None],
         train = [i for i, v in zip(train, is_val) if not v]
     return TrainingSplit(tuple(sorted(keys[i] for i in train)),
                          tuple(sorted(keys[i] for i in val_idx)), source, float(val_fraction),
-                         int(seed), dict(sorted(excluded.items())))
+                         int(seed), dict(sorted(excluded.items())), test)
 
 
 def cache_data_digest(preproc_digest: str, columns: dict[str, Sequence[Any]]) -> str:
