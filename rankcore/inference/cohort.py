@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -138,6 +138,30 @@ def _prepare(model_dir: str | Path, cohort: str | Path, out_file: Path, *, bias_
     return cascade, card, config, correction, parsed
 
 
+def _mismatch_record(row: Any, coarsest: float, spacing: float,
+                     ratio: float) -> dict[str, Any] | None:
+    """The set-aside record of ``row`` when ``coarsest`` (mm) exceeds ``ratio`` x ``spacing``."""
+    if coarsest <= ratio * spacing:
+        return None
+    return {"participant_id": row.participant_id, "key": row.key, "source": str(row.path),
+            "category": MISMATCH_CATEGORY,
+            "message": f"source voxels of {coarsest:.3g} mm are coarser than {ratio:g} x the "
+                       f"model's {spacing:g} mm; the model was not trained on such images"}
+
+
+def _spacing_mismatch(row: Any, spacing: float, ratio: float) -> dict[str, Any] | None:
+    """:func:`_mismatch_record` from the image header's voxel sizes (None when unreadable:
+    ingest then sets the file aside with its own category)."""
+    import nibabel as nib
+
+    try:
+        affine = np.asarray(nib.load(str(row.path)).affine, dtype=np.float64)
+    except Exception:  # any unreadable header: ingest names the problem
+        return None
+    voxels = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    return _mismatch_record(row, float(voxels.max()), spacing, ratio)
+
+
 def _with_set_aside(predicted: pa.Table, set_aside: list[dict[str, Any]]) -> pa.Table:
     """The predictions table with a ``status`` column (``"predicted"``, or the category of a
     subject set aside) and a ``reason`` column, and one row per subject set aside (no
@@ -228,6 +252,11 @@ def predict_cohort(model_dir: str | Path, cohort: str | Path, out_file: str | Pa
              len(parsed.rows), cohort, model_dir, describe_config(config), cache)
     from rankcore.progress import progress_bar
 
+    # Too-coarse images are set aside from their headers, before preprocessing could fail on
+    # them for another reason (e.g. tissue classification) and hide the real one.
+    screened = [_spacing_mismatch(row, config.spacing, max_spacing_ratio) for row in parsed.rows]
+    early = [m for m in screened if m is not None]
+    parsed = replace(parsed, rows=tuple(r for r, m in zip(parsed.rows, screened) if m is None))
     with progress_bar("preprocessing", len(parsed.rows)) as bar:
         ingest = ingest_cohort(parsed, cache, config, engine=engine, workers=workers,
                                prune=False, progress=bar)
@@ -239,7 +268,7 @@ def predict_cohort(model_dir: str | Path, cohort: str | Path, out_file: str | Pa
     position = {k: i for i, k in enumerate(view.keys)}
     sources = view.table.column("source_path").to_pylist()
     source_spacing = view.table.column("source_spacing").to_pylist()
-    rows, set_aside = [], []
+    rows, set_aside = [], early
     for row in parsed.rows:
         i = position.get(row.key)
         if i is None or row.key in bad_keys:
@@ -247,14 +276,10 @@ def predict_cohort(model_dir: str | Path, cohort: str | Path, out_file: str | Pa
         if os.path.realpath(sources[i]) != os.path.realpath(row.path):
             raise InputError(f"cache {str(cache)!r} holds another image for {row.key} "
                              f"({sources[i]}): give --cache a folder of its own for this cohort")
-        coarsest = max(source_spacing[i] or [0.0])
-        if coarsest > max_spacing_ratio * config.spacing:
-            set_aside.append({
-                "participant_id": row.participant_id, "key": row.key, "source": str(row.path),
-                "category": MISMATCH_CATEGORY,
-                "message": f"source voxels of {coarsest:.3g} mm are coarser than "
-                           f"{max_spacing_ratio:g} x the model's {config.spacing:g} mm; the "
-                           "model was not trained on such images"})
+        mismatch = _mismatch_record(row, max(source_spacing[i] or [0.0]), config.spacing,
+                                    max_spacing_ratio)
+        if mismatch is not None:
+            set_aside.append(mismatch)
             continue
         rows.append(i)
     q_rows = [{c: q.get(c) for c in QUARANTINE_COLUMNS} for q in quarantine] + set_aside
