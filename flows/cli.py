@@ -12,6 +12,7 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from rankcore.errors import BrainrankError
 
@@ -289,6 +290,18 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
+#: Parsed arguments that steer the command line itself, not a command's parameters.
+CLI_ONLY = ("command", "config", "job_config", "verbose", "quiet")
+
+
+def given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The command's options given on the command line (``shape`` as a tuple)."""
+    given = {k: v for k, v in vars(args).items() if k not in CLI_ONLY}
+    if "shape" in given:
+        given["shape"] = tuple(given["shape"])
+    return given
+
+
 def _set_verbosity(verbose: bool, quiet: bool) -> None:
     """-v: per-subject DEBUG lines reach the console; -q: warnings only, no progress bars."""
     import logging
@@ -343,10 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     module_name, model_name, _ = COMMANDS[args.command]
-    given = {k: v for k, v in vars(args).items()
-             if k not in ("command", "config", "verbose", "quiet")}
-    if "shape" in given:
-        given["shape"] = tuple(given["shape"])
+    given = given_options(args)
     try:
         from flows import _config, params
 

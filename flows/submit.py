@@ -105,7 +105,7 @@ def job_parameters(command: str, config: str | None, args: list[str]) -> dict[st
         InputError: unknown options or invalid values (the message names them).
     """
     from flows import _config, params
-    from flows.cli import COMMANDS, build_parser
+    from flows.cli import COMMANDS, build_parser, given_options
 
     if command not in COMMANDS:
         raise InputError(f"`command` must be one of {', '.join(COMMANDS)}, got {command!r}")
@@ -114,9 +114,7 @@ def job_parameters(command: str, config: str | None, args: list[str]) -> dict[st
     except SystemExit:
         raise InputError(f"`job_args` must be options of `brainrank {command}`, got "
                          f"{' '.join(args)!r} (see above)") from None
-    given = {k: v for k, v in vars(ns).items() if k not in ("command", "config", "job_config")}
-    if "shape" in given:
-        given["shape"] = tuple(given["shape"])
+    given = given_options(ns)
     model = getattr(params, COMMANDS[command][1])
     return _config.build_params(model, given, config).model_dump(mode="json")
 

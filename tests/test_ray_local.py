@@ -117,7 +117,7 @@ def test_driver_peak_rss_does_not_grow_with_the_cohort(tmp_path):
     from rankcore.cache import VolumeDataset
     from rankcore.mri.types import PreprocessConfig
 
-    config = PreprocessConfig()  # the default grid
+    config = PreprocessConfig(tissue=False)  # the default grid (box phantoms: no tissue)
     previous = _tiny_cohort.PREPROCESS
     _tiny_cohort.PREPROCESS = config
     try:
