@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 
 from rankcore.errors import QuarantineError
-from rankcore.mri.load import HeaderInfo, check_affine, check_voxels
+from rankcore.mri.header import HeaderInfo, check_affine, check_voxels
 from rankcore.mri.types import PreprocessConfig
 
 __all__ = ["MGH_SUFFIXES", "is_mgh", "load_mgh", "load_mgh_volume"]

@@ -58,7 +58,8 @@ from rankcore.mri.brainmask import (
     mask_above,
     sample,
 )
-from rankcore.mri.load import check_affine, check_voxels, load_volume
+from rankcore.mri.header import check_affine, check_voxels
+from rankcore.mri.load import load_volume
 from rankcore.mri.resample import (
     apply_separable,
     axis_permutation,
