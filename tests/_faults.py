@@ -84,6 +84,20 @@ def flip_byte(path: Path, offset: int | None = None) -> int:
     return offset
 
 
+def volume_page_offset(path: Path, where: float = 0.75) -> int:
+    """Offset of a byte inside the `volume` column chunk of a cache shard's middle row group:
+    ``where`` of the way through it (0.75: inside the page's data, past its few-byte header,
+    which the page checksum does not cover; 0.0: the header's first byte)."""
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    group = meta.row_group(meta.num_row_groups // 2)
+    chunk = next(group.column(c) for c in range(group.num_columns)
+                 if group.column(c).path_in_schema == "volume")
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    return start + int(where * (chunk.total_compressed_size - 1))
+
+
 def flip_digit(path: Path) -> int:
     """Change the last digit of the last number in ``path`` (a content change that stays valid
     JSON: the hardest damage to notice); return its offset."""
