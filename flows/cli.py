@@ -290,8 +290,9 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-#: Parsed arguments that steer the command line itself, not a command's parameters.
-CLI_ONLY = ("command", "config", "job_config", "verbose", "quiet")
+#: Parsed arguments that steer the command line itself, not a command's parameters (submit's
+#: `--config` is its `job_config` parameter: the job command's own config file).
+CLI_ONLY = ("command", "config", "verbose", "quiet")
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:

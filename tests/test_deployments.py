@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from flows import job as job_entry
+from flows.cli import build_parser
 from flows.params import JobCommand, PipelineParams, ServeParams, SubmitParams
 from flows.serve import ENTRYPOINTS, build_deployments, deployment_specs
 from flows.submit import (
@@ -190,6 +191,16 @@ def test_submit_cli_parses_job_args_env_and_pip():
     assert p.env == {"A": "1", "B": "x=y"}
     with pytest.raises(ValueError, match="KEY=VALUE"):
         SubmitParams(env=["novalue"])
+
+
+def test_submit_cli_keeps_the_job_config_file():
+    """`brainrank submit --config FILE`: FILE is the job command's config (it was once dropped
+    with the CLI-only options, and the job ran on library defaults)."""
+    from flows.cli import given_options
+
+    ns = build_parser().parse_args(["submit", "--config", "/shared/job.yaml",
+                                    "--job-args=--out /shared/run"])
+    assert given_options(ns)["job_config"] == "/shared/job.yaml"
 
 
 def test_runtime_env_uploads_the_sources_with_the_parameters(tmp_path):

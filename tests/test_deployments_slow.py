@@ -232,8 +232,6 @@ def _manifest_with_split(root: Path) -> tuple[Path, int]:
     return manifest, sum(i % 5 == 1 for i in range(len(rows)))
 
 
-@pytest.mark.xfail(strict=False, reason="the Ray job's pipeline planned k_folds 3 / batch 8 "
-                   "instead of the config's 2 / 4 after the train-sizing change; open")
 def test_submit_runs_the_pipeline_as_a_ray_job(ray_head, prefect_api, tmp_path):
     address, env = ray_head
     manifest, n_test = _manifest_with_split(tmp_path)
