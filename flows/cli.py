@@ -153,7 +153,13 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-boot", type=int, default=S,
                    help="bootstrap resamples for the 95%% intervals (1000; 0: none)")
     p.add_argument("--seed", type=int, default=S, help="bootstrap seed (0)")
-    p.add_argument("--gpu", action="store_true", default=S, help="predict on CUDA")
+    p.add_argument("--gpu", action="store_true", default=S,
+                   help="predict on CUDA (engine ray: on GPU workers, checked there)")
+    p.add_argument("--engine", choices=["local", "ray"], default=S,
+                   help="predict in this process or as Ray tasks that read their own rows "
+                        "(local)")
+    p.add_argument("--workers", type=int, default=S,
+                   help="Ray tasks at a time (engine ray; 1)")
     p.add_argument("--no-store-bias", dest="store_bias", action="store_false", default=S,
                    help="do not store the fitted bias correction in MODEL_DIR/bias.json")
     p.add_argument("--allow-incomplete-cache", action="store_true", default=S,

@@ -11,6 +11,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -20,6 +21,20 @@ from rankcore.mri.grid import check_shape
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _posix_path(value: str | None, info: ValidationInfo) -> str | None:
+    """A folder or file on a POSIX file system: a path as given, a file:// URI as its path;
+    any other URI is refused with why (rankcore.locations.local_path)."""
+    from rankcore.errors import InputError
+    from rankcore.locations import local_path
+
+    if value is None:
+        return None
+    try:
+        return str(local_path(value, info.field_name))
+    except InputError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class SimulateParams(_Params):
@@ -61,6 +76,8 @@ class IngestParams(_Params):
     tissue: bool = True
     ray_address: str | None = None
     batch_size: int | None = Field(None, ge=1)
+
+    _paths = field_validator("cohort", "cache")(_posix_path)
 
     @field_validator("shape")
     @classmethod
@@ -142,6 +159,8 @@ class TrainParams(_Params):
     stage2_options: dict = Field(default_factory=dict)
     allow_incomplete_cache: bool = False
 
+    _paths = field_validator("cache", "out")(_posix_path)
+
     @field_validator("sorter")
     @classmethod
     def _sorter_matches_rank_loss(cls, v: str | None, info) -> str | None:
@@ -198,6 +217,10 @@ class EvaluateParams(_Params):
     ``split`` is the cache's split label ("test" by default) or "all". ``n_boot``, ``seed`` and
     ``level`` set the bootstrap intervals (``n_boot`` 0: none). ``store_bias`` also stores the
     validation-fitted correction in MODEL_DIR/bias.json for `brainrank predict --bias-correct`.
+    ``engine`` "ray" predicts as ``workers`` Ray tasks at a time that read their own rows from
+    the cache (``gpu``: on GPU workers, CUDA checked there, so a CPU head can drive them);
+    "local" predicts in this process (``workers`` 1). ``model_dir``, ``cache`` and ``out`` are
+    paths or file:// URIs on a POSIX file system (rankcore.locations).
     """
 
     model_dir: str
@@ -211,6 +234,17 @@ class EvaluateParams(_Params):
     gpu: bool = False
     store_bias: bool = True
     allow_incomplete_cache: bool = False
+    engine: Literal["local", "ray"] = "local"
+    workers: int = Field(1, ge=1, le=256)
+
+    _paths = field_validator("model_dir", "cache", "out")(_posix_path)
+
+    @model_validator(mode="after")
+    def _workers_need_ray(self) -> EvaluateParams:
+        if self.engine == "local" and self.workers != 1:
+            raise ValueError(f"`workers` must be 1 with engine 'local' (it predicts in this "
+                             f"process; --engine ray runs N workers), got {self.workers}")
+        return self
 
 
 class CardParams(_Params):
@@ -247,6 +281,8 @@ class PredictParams(_Params):
     gpu: bool = False
     max_spacing_ratio: float = Field(2.0, ge=1)
     max_failed_fraction: float = Field(1.0, ge=0, le=1)
+
+    _paths = field_validator("model_dir", "cohort", "out", "cache", "bias_file")(_posix_path)
 
     @field_validator("shape")
     @classmethod

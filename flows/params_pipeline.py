@@ -20,6 +20,7 @@ from flows.params import (
     SimulateParams,
     TrainParams,
     _Params,
+    _posix_path,
 )
 from rankcore.mri.grid import check_shape
 
@@ -124,6 +125,8 @@ class PipelineParams(_Params):
     sorter: PipelineSorter = Field(default_factory=PipelineSorter)
     train: PipelineTrain = Field(default_factory=PipelineTrain)
     evaluate: PipelineEvaluate = Field(default_factory=PipelineEvaluate)
+
+    _paths = field_validator("out", "cohort")(_posix_path)
 
     @model_validator(mode="before")
     @classmethod
