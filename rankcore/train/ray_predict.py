@@ -156,7 +156,9 @@ def predict_ray(stages: Sequence[StageFiles | str | os.PathLike[str]], split: Ca
                 try:
                     results[i] = ray.get(ref)
                 except ray.exceptions.RayTaskError as err:
-                    cause = err.as_instanceof_cause()
+                    # The task's own exception (its str is our one line; the str of
+                    # as_instanceof_cause() carries Ray's remote traceback).
+                    cause = getattr(err, "cause", None)
                     if isinstance(cause, InputError):
                         raise InputError(str(cause)) from None
                     raise
