@@ -54,6 +54,8 @@ class SimulateParams(_Params):
     anatomy: bool = True
     warp_sd_mm: float = Field(2.5, ge=0, le=4)
 
+    _paths = field_validator("out_dir")(_posix_path)
+
 
 class IngestParams(_Params):
     """`brainrank ingest`: validate, preprocess and cache a cohort.
@@ -115,6 +117,8 @@ class PretrainSorterParams(_Params):
     eval_rows: int = Field(16, ge=1, le=1024)
     engine: Literal["auto", "local", "ray"] = "auto"
     fail_at_step: int | None = Field(None, ge=1)
+
+    _paths = field_validator("out")(_posix_path)  # the sorter file; storage_path takes URIs
 
 
 class TrainParams(_Params):

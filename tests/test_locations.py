@@ -10,7 +10,14 @@ import pytest
 
 from flows._config import build_params
 from flows.cli import main
-from flows.params import EvaluateParams, IngestParams, PredictParams, TrainParams
+from flows.params import (
+    EvaluateParams,
+    IngestParams,
+    PredictParams,
+    PretrainSorterParams,
+    SimulateParams,
+    TrainParams,
+)
 from flows.params_pipeline import PipelineParams
 from rankcore.errors import InputError
 from rankcore.locations import is_uri, local_path
@@ -41,6 +48,7 @@ def test_local_path_refuses_what_is_not_a_local_path(location, says):
 # the object-store URI in that place (the other arguments do not matter: locations are
 # checked first).
 def _boundaries():
+    from rankcore._lock import run_lock
     from rankcore.cache import VolumeDataset, check_complete, ingest_cohort, open_cache
     from rankcore.inference import load_bias, predict_cohort
     from rankcore.inference.cohort import check_prediction
@@ -74,6 +82,7 @@ def _boundaries():
         "predict.bias_file": lambda: predict_cohort("m", "c", "p.csv", bias_file=URI),
         "check_prediction": lambda: check_prediction("m", "c", URI + "/p.csv"),
         "load_bias": lambda: load_bias(URI, {}),
+        "run_lock": lambda: run_lock(URI).__enter__(),
     }
 
 
@@ -101,6 +110,8 @@ def test_library_refuses_an_object_store_uri_and_creates_no_s3_folder(name, tmp_
      "bias_file"),
     (IngestParams, {"cohort": URI, "cache": "c"}, "cohort"),
     (IngestParams, {"cohort": "c", "cache": URI}, "cache"),
+    (SimulateParams, {"out_dir": URI}, "out_dir"),
+    (PretrainSorterParams, {"out": URI}, "out"),
     (PipelineParams, {"out": URI}, "out"),
     (PipelineParams, {"out": "run", "cohort": URI}, "cohort"),
 ])
