@@ -78,6 +78,9 @@ def _add_ingest(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tissue", dest="tissue", action="store_false", default=S,
                    help="no tissue measurement (N4, registration, tissue channels): intensity "
                         "volumes only, e.g. for phantoms")
+    p.add_argument("--allow-whole-head", action="store_true", default=S,
+                   help="process images that look like whole heads (not skull-stripped) as "
+                        "they are, instead of quarantining them as not_skull_stripped")
     p.add_argument("--ray-address", default=S, help="join this Ray cluster (engine ray)")
 
 
@@ -154,6 +157,9 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
                    help="bootstrap resamples for the 95%% intervals (1000; 0: none)")
     p.add_argument("--seed", type=int, default=S, help="bootstrap seed (0)")
     p.add_argument("--gpu", action="store_true", default=S, help="predict on CUDA")
+    p.add_argument("--allow-whole-head", action="store_true", default=S,
+                   help="predict images that look like whole heads (not skull-stripped) "
+                        "instead of setting them aside as not_skull_stripped")
     p.add_argument("--no-store-bias", dest="store_bias", action="store_false", default=S,
                    help="do not store the fitted bias correction in MODEL_DIR/bias.json")
     p.add_argument("--allow-incomplete-cache", action="store_true", default=S,
