@@ -157,9 +157,6 @@ def _add_evaluate(p: argparse.ArgumentParser) -> None:
                    help="bootstrap resamples for the 95%% intervals (1000; 0: none)")
     p.add_argument("--seed", type=int, default=S, help="bootstrap seed (0)")
     p.add_argument("--gpu", action="store_true", default=S, help="predict on CUDA")
-    p.add_argument("--allow-whole-head", action="store_true", default=S,
-                   help="predict images that look like whole heads (not skull-stripped) "
-                        "instead of setting them aside as not_skull_stripped")
     p.add_argument("--no-store-bias", dest="store_bias", action="store_false", default=S,
                    help="do not store the fitted bias correction in MODEL_DIR/bias.json")
     p.add_argument("--allow-incomplete-cache", action="store_true", default=S,
@@ -196,6 +193,9 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", action="store_true", default=S, help="predict on CUDA")
     p.add_argument("--max-failed-fraction", type=float, default=S,
                    help="exit 3 when more than this fraction is set aside (1.0)")
+    p.add_argument("--allow-whole-head", action="store_true", default=S,
+                   help="predict images that look like whole heads (not skull-stripped) "
+                        "instead of setting them aside as not_skull_stripped")
 
 
 def _add_card(p: argparse.ArgumentParser) -> None:

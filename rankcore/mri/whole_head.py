@@ -5,8 +5,9 @@ preprocessing with the head (or a brain cut out by Otsu's threshold) as its mask
 features are those of a head; :func:`check_skull_stripped` sets it aside instead
 (quarantine category ``not_skull_stripped``) with a message that says how to strip it.
 
-Evidence, measured on a copy block-averaged to voxels of at least 2 mm (so the cost does not
-grow with the source resolution):
+Evidence, measured on a copy block-averaged to voxels of 2 mm, or coarser (4, 6, ... mm) until
+the grid holds at most 2^18 voxels (so the cost does not grow with the source resolution;
+about 4 mm for a whole-head field of view):
 
 - ``head_ml``: the volume of the foreground (voxels above the brain-mask threshold, in
   components of at least ``_MIN_PART_ML``, plus the brain mask itself) with its enclosed
@@ -63,6 +64,8 @@ _OUTER_MM = 6.0
 _GAP_MM = 20.0
 _INNER_MM = 26.0
 _GRID_MM = 2.0
+#: ... coarser (4, 6, ... mm) until the grid holds at most this many voxels.
+_MAX_VOXELS = 1 << 18
 
 
 @dataclass(frozen=True)
@@ -92,8 +95,14 @@ class HeadEvidence:
 
 def _coarse(data: np.ndarray, mask: np.ndarray, voxel_mm: np.ndarray,
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Block means of ``data`` and ``mask`` (> 0.5) over ~2 mm blocks; their voxel size."""
-    ks = [max(1, math.floor(_GRID_MM / v + 1e-6)) for v in voxel_mm]
+    """Block means of ``data`` and ``mask`` (> 0.5) over blocks of ~2 mm, or 4, 6, ... mm
+    until at most ``_MAX_VOXELS`` remain; their voxel size."""
+    grid = _GRID_MM
+    while True:
+        ks = [max(1, math.floor(grid / v + 1e-6)) for v in voxel_mm]
+        if math.prod(s // k for s, k in zip(data.shape, ks)) <= _MAX_VOXELS:
+            break
+        grid += _GRID_MM
     if max(ks) == 1:
         return data, mask, voxel_mm
     n = [s // k for s, k in zip(data.shape, ks)]
@@ -116,22 +125,25 @@ def _big_parts(fg: np.ndarray, min_voxels: float) -> np.ndarray:
 
 
 def _closed_filled(region: np.ndarray, voxel: np.ndarray, radius_mm: float) -> np.ndarray:
-    """Morphological closing by a ball of ``radius_mm``, then enclosed voxels filled."""
-    pad = [math.ceil(radius_mm / v) + 1 for v in voxel]
-    big = np.pad(region, [(p, p) for p in pad])
-    grown = ndimage.distance_transform_edt(~big, sampling=voxel) <= radius_mm
-    closed = ndimage.distance_transform_edt(grown, sampling=voxel) > radius_mm
+    """Morphological closing by a cube of half-side ``radius_mm`` (chessboard distances, int32:
+    no float64 array of the grid), then enclosed voxels filled."""
+    r = max(1, round(radius_mm / float(voxel.mean())))
+    big = np.pad(region, r + 1)
+    grown = ndimage.distance_transform_cdt(~big, metric="chessboard") <= r
+    closed = ndimage.distance_transform_cdt(grown, metric="chessboard") > r
     closed |= big
-    inner = tuple(slice(p, p + s) for p, s in zip(pad, region.shape))
+    inner = tuple(slice(r + 1, r + 1 + s) for s in region.shape)
     return ndimage.binary_fill_holes(closed)[inner]
 
 
 def _shell_contrast(data: np.ndarray, head: np.ndarray, voxel: np.ndarray) -> float:
     """(outer layer - darkest layer beneath it) / interior median, the largest over the outer
     layers (negative when every layer beneath is brighter; 0 when undefined)."""
-    depth = ndimage.distance_transform_edt(head, sampling=voxel)
-    step = max(_LAYER_MM, float(voxel.max()))
-    layer = np.floor((depth[head] - 1e-6) / step).astype(np.intp)
+    # depth below the surface (mm): chessboard voxel layers (1 = the surface layer)
+    depth = ndimage.distance_transform_cdt(head, metric="chessboard").astype(np.float32)
+    depth *= np.float32(voxel.mean())
+    step = max(_LAYER_MM, float(voxel.mean()))
+    layer = np.floor((depth[head] - 1e-3) / step).astype(np.intp)
     vals = data[head]
     n_layers = int(_GAP_MM // step)
     medians = []
