@@ -18,9 +18,11 @@ about 4 mm for a whole-head field of view):
   (or one voxel, when coarser) at increasing depth below its surface. A stripped brain's
   profile starts at cortex and stays at or above it (GM, then WM); a head's starts bright
   (scalp fat) and dips into the dark skull and CSF before the brain. ``shell_contrast`` =
-  (an outer layer within ``_OUTER_MM`` - the darkest layer beneath it, down to ``_GAP_MM``)
-  / median intensity deeper than ``_INNER_MM``, the largest over the outer layers: below 0
-  for a brain, near 1 for a head. It does not depend on the head's size.
+  how far the darkest layer down to ``_GAP_MM`` lies below both an outer layer (within
+  ``_OUTER_MM``) and the interior (deeper than ``_INNER_MM``), over the interior's median,
+  the largest over the outer layers: below 0 for a T1 brain (and about 0 for an inverted,
+  T2-like one, whose dark WM is its interior), positive for a head. It does not depend on
+  the head's size.
 - ``outside_ml``: foreground outside the (1-voxel-dilated) brain mask, in components of at
   least ``_MIN_PART_ML`` (the scalp when Otsu's threshold isolated the brain; ~0 after
   skull stripping). Reported, not used by the verdict on its own.
@@ -52,7 +54,7 @@ __all__ = [
 #: A foreground enclosing more than this (ml) is not a brain.
 MAX_BRAIN_ML = 2800.0
 #: A bright outer layer over a dark one, by more than this fraction of the interior.
-MAX_SHELL_CONTRAST = 0.35
+MAX_SHELL_CONTRAST = 0.15
 #: What to do about it (part of the quarantine message).
 STRIP_ADVICE = ("skull-strip it first (e.g. HD-BET, FreeSurfer's mri_synthstrip, FSL's bet) "
                 "and ingest the brain-extracted image, or pass --allow-whole-head to "
@@ -75,7 +77,8 @@ class HeadEvidence:
     Attributes:
         head_ml: volume (ml) enclosed by the foreground.
         outside_ml: foreground volume (ml) outside the brain mask.
-        shell_contrast: (outer layer - darkest layer beneath) / interior intensity.
+        shell_contrast: depth of a dark layer under a bright outer layer, relative to the
+            interior intensity.
     """
 
     head_ml: float
@@ -137,8 +140,9 @@ def _closed_filled(region: np.ndarray, voxel: np.ndarray, radius_mm: float) -> n
 
 
 def _shell_contrast(data: np.ndarray, head: np.ndarray, voxel: np.ndarray) -> float:
-    """(outer layer - darkest layer beneath it) / interior median, the largest over the outer
-    layers (negative when every layer beneath is brighter; 0 when undefined)."""
+    """min(outer layer, interior) - darkest layer beneath, over the interior median; the
+    largest over the outer layers (negative when every layer beneath is brighter; 0 when
+    undefined)."""
     # depth below the surface (mm): chessboard voxel layers (1 = the surface layer)
     depth = ndimage.distance_transform_cdt(head, metric="chessboard").astype(np.float32)
     depth *= np.float32(voxel.mean())
@@ -160,7 +164,8 @@ def _shell_contrast(data: np.ndarray, head: np.ndarray, voxel: np.ndarray) -> fl
         beneath = [m for m in medians[i + 1:] if not math.isnan(m)]
         if math.isnan(medians[i]) or not beneath:
             continue
-        best = max(best, medians[i] - min(beneath))
+        gap = min(beneath)  # dark under the outer layer AND under the interior: a skull
+        best = max(best, min(medians[i] - gap, interior - gap))
     if not interior > 0 or best == -math.inf:
         return 0.0
     return best / interior
