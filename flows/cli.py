@@ -78,6 +78,9 @@ def _add_ingest(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-tissue", dest="tissue", action="store_false", default=S,
                    help="no tissue measurement (N4, registration, tissue channels): intensity "
                         "volumes only, e.g. for phantoms")
+    p.add_argument("--allow-whole-head", action="store_true", default=S,
+                   help="process images that look like whole heads (not skull-stripped) as "
+                        "they are, instead of quarantining them as not_skull_stripped")
     p.add_argument("--ray-address", default=S, help="join this Ray cluster (engine ray)")
 
 
@@ -196,6 +199,9 @@ def _add_predict(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", action="store_true", default=S, help="predict on CUDA")
     p.add_argument("--max-failed-fraction", type=float, default=S,
                    help="exit 3 when more than this fraction is set aside (1.0)")
+    p.add_argument("--allow-whole-head", action="store_true", default=S,
+                   help="predict images that look like whole heads (not skull-stripped) "
+                        "instead of setting them aside as not_skull_stripped")
 
 
 def _add_card(p: argparse.ArgumentParser) -> None:

@@ -63,7 +63,9 @@ class IngestParams(_Params):
     ``batch_size``: subjects per batch (= per shard, = per retry); None (the default) lets
     the library choose (``rankcore.cache.plan.default_batch_size``: up to 64, fewer so that
     each of ``workers`` gets a batch). It changes how the cache is cut into shards, not what it
-    holds. No CLI option: set it in --config.
+    holds. No CLI option: set it in --config. ``allow_whole_head``: process images that look
+    like whole heads (not skull-stripped) as they are instead of quarantining them
+    (``not_skull_stripped``); they go into a cache of their own (rankcore.mri.PreprocessConfig).
     """
 
     cohort: str
@@ -76,6 +78,7 @@ class IngestParams(_Params):
     allow_outside_root: bool = False
     require_age: bool = True
     tissue: bool = True
+    allow_whole_head: bool = False
     ray_address: str | None = None
     batch_size: int | None = Field(None, ge=1)
 
@@ -266,7 +269,9 @@ class PredictParams(_Params):
     must be the model's (a mismatch is refused). ``bias_correct`` applies MODEL_DIR/bias.json
     (or ``bias_file``) in the ``bias_method`` form. The run exits 3 when more than
     ``max_failed_fraction`` of the cohort is set aside. ``max_spacing_ratio`` and
-    ``batch_size`` have no CLI option: set them in --config.
+    ``batch_size`` have no CLI option: set them in --config. ``allow_whole_head``: predict
+    images that look like whole heads (not skull-stripped) instead of setting them aside
+    (``not_skull_stripped``); a model trained with it does so anyway.
     """
 
     model_dir: str
@@ -285,6 +290,7 @@ class PredictParams(_Params):
     gpu: bool = False
     max_spacing_ratio: float = Field(2.0, ge=1)
     max_failed_fraction: float = Field(1.0, ge=0, le=1)
+    allow_whole_head: bool = False
 
     _paths = field_validator("model_dir", "cohort", "out", "cache", "bias_file")(_posix_path)
 
