@@ -16,6 +16,11 @@ here with the same code as the evaluated split; it never sees the evaluated subj
 the user evaluates the validation split itself (reported as in-sample). When the validation
 subjects are not available (another cohort's cache and no training cache), the correction
 stored in MODEL_DIR/bias.json by an earlier evaluation is used, else none is reported.
+
+Both predictions (the evaluated split, the validation subjects) run where ``engine`` says
+(:mod:`rankcore.inference.engine`): in this process, or as Ray tasks on the workers that read
+their own rows from the cache (this process then reads no volume for them; the QC page reads
+the volumes of the subjects it draws, one at a time).
 """
 
 from __future__ import annotations
@@ -69,7 +74,6 @@ from rankcore.train.card_info import read_split_record
 __all__ = ["ALL_SPLITS", "Evaluation", "check_evaluation", "evaluate_model"]
 
 log = logging.getLogger("rankcore.report")
-
 
 
 @dataclass(frozen=True)
