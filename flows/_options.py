@@ -163,7 +163,8 @@ def _add_field(p: Any, name: str, info: FieldInfo, dest: str, layout: Layout,
         elif info.default:
             head, _, tail = option.rpartition(".")
             neg = f"{head}.no-{tail.lstrip('-')}" if head else f"--no-{tail.lstrip('-')}"
-            p.add_argument(neg, action="store_false", help=_help(info, " (on by default; this flag turns it off)"), **kw)
+            p.add_argument(neg, action="store_false",
+                           help=_help(info, " (on by default; this flag turns it off)"), **kw)
         else:
             p.add_argument(option, action="store_true", help=_help(info), **kw)
         return
