@@ -44,7 +44,7 @@ from rankcore.conformal import load_interval
 from rankcore.errors import InputError
 from rankcore.inference.bias_store import load_bias
 from rankcore.inference.model import check_preprocess, describe_config, predict_cascade
-from rankcore.report.predictions import check_table_path, predictions_table, write_table
+from rankcore.inference.table import check_table_path, predictions_table, write_table
 
 __all__ = ["MISMATCH_CATEGORY", "PredictionSummary", "check_prediction", "default_cache_dir",
            "predict_cohort"]
