@@ -84,18 +84,14 @@ def _set_verbosity(verbose: bool, quiet: bool) -> None:
     """-v: per-subject DEBUG lines reach the console; -q: warnings only, no progress bars."""
     import logging
 
-    if not (verbose or quiet):
-        return
-    from rankcore.progress import set_quiet
     from tasks import _logs
 
     if quiet:
+        from rankcore.progress import set_quiet
+
         os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
         set_quiet(True)
-        _logs.set_level(logging.WARNING)
-    else:
-        _logs.set_level(logging.DEBUG)
-    logging.getLogger("rankcore").setLevel(logging.WARNING if quiet else logging.DEBUG)
+    _logs.set_level(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +129,11 @@ def _prepare_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     # The telemetry heartbeat of a temporary server trips "database is locked" under load.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # rankcore's records reach the run logs through Prefect's extra loggers (tasks/_logs.py)
+    from tasks._logs import PREFECT_ENV
+
+    for key, value in PREFECT_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

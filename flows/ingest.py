@@ -27,7 +27,6 @@ from flows.params import IngestParams
 from rankcore.cache import CacheLayout, IngestPlan, cache_lock, commit_batch
 from rankcore.mri import PreprocessConfig
 from rankcore.progress import progress_bar
-from tasks._logs import forward_logs
 from tasks.ingest import (
     finalize_ingest_task,
     ingest_batch_task,
@@ -88,8 +87,7 @@ def ingest_flow(params: IngestParams) -> dict:
     cohort = read_cohort_task(params.cohort, params.allow_outside_root, params.require_age)
     logger.info("cohort %s: %d image row(s), %d row(s) set aside while reading the table",
                 params.cohort, len(cohort.rows), len(cohort.quarantine))
-    with cache_lock(CacheLayout.for_config(params.cache, config)), \
-            forward_logs(logger, ("rankcore.cache",)):
+    with cache_lock(CacheLayout.for_config(params.cache, config)):
         plan = plan_ingest_task(quote(cohort), params.cache, config, params.batch_size,
                                 params.workers)
         logger.info("cache %s: %d reused, %d to process in %d batch(es) on engine %s",

@@ -27,7 +27,6 @@ pool or worker. Either way the schedules need a Prefect server (`prefect server 
 from __future__ import annotations
 
 import importlib
-import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -151,9 +150,6 @@ def run_cli(params: ServeParams) -> int:
 
     from flows._server import temporary_server
 
-    # rankcore's log lines reach the runs' logs (Prefect's extra loggers), in the runner's
-    # flow-run processes too
-    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "rankcore")
     try:
         deployments = build_deployments(params)
     except InputError as exc:
