@@ -155,7 +155,8 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_the_pipeline(prefect_api
             out = _run([prefect, "deploy", "--all", "--prefect-file",
                         "deployments/prefect.yaml"], env, 240)
             assert "pipeline/weekly" in out.stdout and "predict/adhoc" in out.stdout
-            params = json.dumps({**TINY, "out": str(run_dir)})
+            # the deployment's cohort (/data/cohort) is kept unless overridden: null simulates
+            params = json.dumps({**TINY, "out": str(run_dir), "cohort": None})
             out = _run([prefect, "deployment", "run", "pipeline/adhoc", "--params", params,
                         "--watch", "--watch-timeout", "300"], env, 360)
         finally:
