@@ -18,8 +18,6 @@ from pydantic import (
     model_validator,
 )
 
-from rankcore.mri.grid import check_shape
-
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -84,6 +82,8 @@ class IngestParams(_Params):
     @field_validator("shape")
     @classmethod
     def _grid_fits(cls, v: tuple[int, int, int], info) -> tuple[int, int, int]:
+        from rankcore.mri.grid import check_shape  # scipy: imported on use
+
         return check_shape(v, info.data.get("spacing"))
 
 
@@ -197,6 +197,8 @@ class TrainParams(_Params):
     @field_validator("shape")
     @classmethod
     def _positive_train_shape(cls, v: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        from rankcore.mri.grid import check_shape  # scipy: imported on use
+
         return check_shape(v)
 
     @field_validator("options")
@@ -298,6 +300,8 @@ class PredictParams(_Params):
     @classmethod
     def _positive_predict_shape(cls, v: tuple[int, int, int] | None
                                 ) -> tuple[int, int, int] | None:
+        from rankcore.mri.grid import check_shape  # scipy: imported on use
+
         return check_shape(v)
 
 

@@ -24,7 +24,6 @@ from flows.params import (
     TrainParams,
     _Params,
 )
-from rankcore.mri.grid import check_shape
 
 # ------------------------------------------------------------------------------- pipeline
 # The pipeline's sections are the stage models minus what the pipeline decides itself (paths
@@ -155,6 +154,8 @@ class PipelineParams(_Params):
     @field_validator("shape")
     @classmethod
     def _pipeline_grid_fits(cls, v: tuple[int, int, int], info) -> tuple[int, int, int]:
+        from rankcore.mri.grid import check_shape  # scipy: imported on use
+
         return check_shape(v, info.data.get("spacing"))
 
     @model_validator(mode="after")
