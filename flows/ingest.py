@@ -83,7 +83,7 @@ def ingest_flow(params: IngestParams) -> dict:
     logger = get_run_logger()
     t0 = time.perf_counter()
     config = PreprocessConfig(spacing=params.spacing, shape=tuple(params.shape),
-                              tissue=params.tissue)
+                              tissue=params.tissue, allow_whole_head=params.allow_whole_head)
     cohort = read_cohort_task(params.cohort, params.allow_outside_root, params.require_age)
     logger.info("cohort %s: %d image row(s), %d row(s) set aside while reading the table",
                 params.cohort, len(cohort.rows), len(cohort.quarantine))

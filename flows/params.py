@@ -74,6 +74,10 @@ class IngestParams(_Params):
     tissue: bool = Field(True, description="tissue measurement (N4, registration, tissue "
                                            "channels); off: intensity volumes only, e.g. for "
                                            "phantoms")
+    allow_whole_head: bool = Field(
+        False, description="process images that look like whole heads (not skull-stripped) as "
+                           "they are, in a cache of their own, instead of quarantining them as "
+                           "not_skull_stripped")
     ray_address: str | None = Field(None, description=f"{RAY_ADDRESS} (engine ray)")
     batch_size: int | None = Field(
         None, ge=1, description="subjects per batch (= per shard, = per retry); default: up to "
@@ -295,6 +299,10 @@ class PredictParams(_Params):
                                                             "model's")
     max_failed_fraction: float = Field(1.0, ge=0, le=1, description="exit 3 when more than this "
                                                                     "fraction is set aside")
+    allow_whole_head: bool = Field(
+        False, description="predict images that look like whole heads (not skull-stripped) "
+                           "instead of setting them aside as not_skull_stripped (a model "
+                           "trained with it does so anyway)")
 
     @field_validator("shape")
     @classmethod

@@ -42,7 +42,7 @@ def _section(model: type[BaseModel], name: str, drop: tuple[str, ...], doc: str
 PIPELINE_DERIVED: dict[str, tuple[str, ...]] = {
     "simulate": ("out_dir",),
     "ingest": ("cohort", "cache", "spacing", "shape", "tissue", "max_failed_fraction",
-               "allow_outside_root", "require_age", "ray_address"),
+               "allow_outside_root", "require_age", "ray_address", "allow_whole_head"),
     "pretrain": ("out", "ray_address"),
     "train": ("cache", "out", "rank_loss", "sorter", "ray_address", "spacing", "shape",
               "tissue", "test_fraction", "split_seed"),

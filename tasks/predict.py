@@ -20,7 +20,7 @@ def predict_task(model_dir: str, cohort: str, out: str, bias_correct: bool, bias
                  bias_file: str | None, cache: str | None, spacing: float | None,
                  shape: tuple[int, int, int] | None, workers: int, engine: str,
                  allow_outside_root: bool, batch_size: int | None, device: str,
-                 max_spacing_ratio: float) -> dict[str, Any]:
+                 max_spacing_ratio: float, allow_whole_head: bool = False) -> dict[str, Any]:
     """Ingest the cohort with the model's preprocessing, predict, write the table.
 
     Returns :meth:`rankcore.inference.PredictionSummary.to_dict`.
@@ -29,5 +29,6 @@ def predict_task(model_dir: str, cohort: str, out: str, bias_correct: bool, bias
         model_dir, cohort, out, bias_correct=bias_correct, bias_method=bias_method,
         bias_file=bias_file, cache_dir=cache, spacing=spacing, shape=shape,
         workers=workers, engine=engine, allow_outside_root=allow_outside_root,
-        batch_size=batch_size, device=device, max_spacing_ratio=max_spacing_ratio)
+        batch_size=batch_size, device=device, max_spacing_ratio=max_spacing_ratio,
+        allow_whole_head=allow_whole_head)
     return summary.to_dict()
