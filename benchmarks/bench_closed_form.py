@@ -106,14 +106,21 @@ def site_prior(train: np.ndarray, codes: np.ndarray, y: np.ndarray, test: np.nda
 
 
 def cv_site_prior(feats: np.ndarray, codes: np.ndarray, y: np.ndarray, folds: np.ndarray,
-                  ) -> float:
-    """Cross-validated MAE of the shipped prior's fit (fit_site_priors) on the same folds."""
-    err = 0.0
+                  ) -> np.ndarray:
+    """Cross-validated absolute errors (N,) of the shipped prior's fit (fit_site_priors)."""
+    err = np.zeros(len(y))
     for f in np.unique(folds):
         tr, va = folds != f, folds == f
         pred = site_prior(feats[tr], codes[tr], y[tr], feats[va], codes[va])
-        err += np.abs(pred - y[va]).sum()
-    return float(err / len(y))
+        err[va] = np.abs(pred - y[va])
+    return err
+
+
+def paired_interval(diff: np.ndarray, n_boot: int, seed: int) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of the mean of paired differences (N,)."""
+    rng = np.random.default_rng(seed)
+    means = [diff[rng.integers(0, len(diff), len(diff))].mean() for _ in range(n_boot)]
+    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
 
 
 def shipped_prior(train: SubjectData, test: SubjectData) -> tuple[np.ndarray, np.ndarray,
@@ -176,12 +183,12 @@ def main() -> None:
     prior_pred, h_train, h_test = shipped_prior(train, test)
     read = [k for k, n in enumerate(train.feature_names) if n not in PRIOR_IGNORES]
     x_all = np.c_[h_train, train.features], np.c_[h_test, test.features]
+    cv_shipped = cv_site_prior(np.c_[h_train, train.features[:, read]], codes[0], y, folds)
+    cv_before = cv_site_prior(x_all[0], codes[0], y, folds)
     rows = [("(1) shipped prior: histogram + tissue features but pose, per-site blend",
-             cv_site_prior(np.c_[h_train, train.features[:, read]], codes[0], y, folds),
-             "GCV", prior_pred),
+             cv_shipped.mean(), "GCV", prior_pred),
             ("(1a) (1) reading the pose features too (the prior before)",
-             cv_site_prior(x_all[0], codes[0], y, folds), "GCV",
-             site_prior(x_all[0], codes[0], y, x_all[1], codes[1]))]
+             cv_before.mean(), "GCV", site_prior(x_all[0], codes[0], y, x_all[1], codes[1]))]
     if args.model:
         card = json.loads((args.model / "stage1" / "card.json").read_text())
         ids = set(card["train_ids"])
@@ -222,6 +229,14 @@ def main() -> None:
         ratio = f"{m['mae'] / floor:.2f}" if floor else "n/a"
         print(f"| network (evaluation {args.network.parent.name}) | n/a | n/a | "
               f"{m['mae']:.2f} [{lo:.2f}–{hi:.2f}] | {m['srcc']:.3f} | {ratio} |")
+
+    lo, hi = paired_interval(cv_shipped - cv_before, args.boot, args.seed)
+    print(f"\nMAE (1) - (1a), paired over subjects, 95 % bootstrap interval: CV on the "
+          f"training subjects {(cv_shipped - cv_before).mean():+.2f} y [{lo:+.2f}, {hi:+.2f}]",
+          end="")
+    test_diff = np.abs(rows[0][3] - y_test) - np.abs(rows[1][3] - y_test)
+    lo, hi = paired_interval(test_diff, args.boot, args.seed)
+    print(f"; test {test_diff.mean():+.2f} y [{lo:+.2f}, {hi:+.2f}]")
 
 
 if __name__ == "__main__":
