@@ -2,6 +2,8 @@
 
 Precedence: the model's defaults < the config file < options given on the command line.
 Config keys mirror the options (``max-failed-fraction`` and ``max_failed_fraction`` both work).
+Sections and dict options merge key by key (:func:`deep_merge`): ``--train.epochs 2`` keeps
+the file's other ``train`` keys.
 """
 
 from __future__ import annotations
@@ -64,12 +66,29 @@ def format_validation_error(exc: ValidationError) -> str:
     return msg
 
 
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override``'s keys; where both hold a mapping, merged key by key.
+
+    Lists and other values are replaced, not merged; neither input is modified.
+    """
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def to_yaml(params: BaseModel) -> str:
+    """``params`` as a YAML mapping that --config reads back into the same parameters."""
+    return yaml.safe_dump(params.model_dump(mode="json"), sort_keys=False)
+
+
 def build_params(model: type[M], given: dict[str, Any], config_path: str | None = None) -> M:
     """Merge config file and given options into ``model``; InputError with one clear line."""
-    values: dict[str, Any] = {}
-    if config_path:
-        values.update(read_config_file(config_path))
-    values.update({k: v for k, v in given.items() if v is not None})
+    values: dict[str, Any] = read_config_file(config_path) if config_path else {}
+    values = deep_merge(values, {k: v for k, v in given.items() if v is not None})
     try:
         return model.model_validate(values)
     except ValidationError as exc:

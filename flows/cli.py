@@ -1,7 +1,9 @@
 """The `brainrank` command: one subcommand per flow.
 
-Parsers are defined here (importing this module stays fast); a command imports its flow
-module, and with it Prefect, only when it runs. Every option can also come from --config.
+Each command's options are generated from its parameters model (flows/params.py, through
+flows/_options.py): names, types, defaults and help are written once, in the model. A command
+imports its flow module, and with it Prefect, only when it runs. Every option can also come
+from --config; ``--print-config`` prints the resolved configuration as YAML and exits.
 """
 
 from __future__ import annotations
@@ -11,12 +13,10 @@ import contextlib
 import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from rankcore.errors import BrainrankError
-
-S = argparse.SUPPRESS
 
 #: command name -> (flow module, params model name, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -44,242 +44,11 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 
-def _add_simulate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("out_dir", nargs="?", default=S, metavar="OUT_DIR")
-    p.add_argument("--subjects", type=int, default=S, help="number of subjects (default 200)")
-    p.add_argument("--seed", type=int, default=S, help="random seed (default 0)")
-    p.add_argument("--spacing", type=float, default=S, help="simulation voxel size, mm (2.0)")
-    p.add_argument("--sites", type=int, default=S, help="number of scanner sites (3)")
-    p.add_argument("--corrupt", type=int, default=S,
-                   help="add this many deliberately broken files (0)")
-    p.add_argument("--workers", type=int, default=S, help="processes (1)")
-    p.add_argument("--no-anatomy", dest="anatomy", action="store_false", default=S,
-                   help="no per-subject anatomical warp: every brain is the template's")
-    p.add_argument("--warp-sd-mm", type=float, default=S,
-                   help="RMS displacement of the anatomical warp, mm (2.5)")
-
-
-def _add_ingest(p: argparse.ArgumentParser) -> None:
-    p.add_argument("cohort", nargs="?", default=S, metavar="COHORT",
-                   help="BIDS root or manifest (.csv, .tsv, .parquet)")
-    p.add_argument("--cache", default=S, metavar="CACHE_DIR", help="cache folder")
-    p.add_argument("--spacing", type=float, default=S, help="output voxel size, mm (2.0)")
-    p.add_argument("--shape", type=int, nargs=3, default=S, metavar=("X", "Y", "Z"),
-                   help="output grid in voxels (80 96 80)")
-    p.add_argument("--workers", type=int, default=S, help="parallel workers (1)")
-    p.add_argument("--engine", choices=["local", "ray"], default=S,
-                   help="run subjects in local processes or as Ray tasks (local)")
-    p.add_argument("--max-failed-fraction", type=float, default=S,
-                   help="exit non-zero when more than this fraction is quarantined (0.5)")
-    p.add_argument("--allow-outside-root", action="store_true", default=S,
-                   help="accept manifest paths outside the manifest's folder")
-    p.add_argument("--no-require-age", dest="require_age", action="store_false", default=S,
-                   help="accept subjects without an age")
-    p.add_argument("--no-tissue", dest="tissue", action="store_false", default=S,
-                   help="no tissue measurement (N4, registration, tissue channels): intensity "
-                        "volumes only, e.g. for phantoms")
-    p.add_argument("--ray-address", default=S, help="join this Ray cluster (engine ray)")
-
-
-def _add_pretrain_sorter(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=S, metavar="SORTER_FILE", help="output .safetensors file")
-    p.add_argument("--kind", default=S, help="sorter family (pairwise)")
-    p.add_argument("--seq-len", type=int, default=S, help="training sequence length (32)")
-    p.add_argument("--steps", type=int, default=S, help="optimisation steps (2000)")
-    p.add_argument("--batch-size", type=int, default=S, help="sequences per step (64)")
-    p.add_argument("--lr", type=float, default=S, help="learning rate (1e-3)")
-    p.add_argument("--workers", type=int, default=S, help="Ray Train workers (1)")
-    p.add_argument("--gpu", action="store_true", default=S, help="train on GPU workers")
-    p.add_argument("--seed", type=int, default=S, help="random seed (0)")
-    p.add_argument("--checkpoint-every", type=int, default=S, help="steps between checkpoints")
-    p.add_argument("--max-failures", type=int, default=S,
-                   help="worker failures to recover from (2)")
-    p.add_argument("--storage-path", default=S, help="Ray Train storage (local folder or URI)")
-    p.add_argument("--ray-address", default=S, help="join this Ray cluster")
-
-
-def _add_train(p: argparse.ArgumentParser) -> None:
-    p.add_argument("cache", nargs="?", default=S, metavar="CACHE_DIR",
-                   help="cache folder written by `brainrank ingest`")
-    p.add_argument("--out", default=S, metavar="MODEL_DIR", help="model folder to create")
-    rank = p.add_mutually_exclusive_group()
-    rank.add_argument("--sorter", default=S, metavar="FILE",
-                      help="rank loss through this learned sorter (.safetensors file or the "
-                           "name of a shipped sorter)")
-    rank.add_argument("--rank-loss", choices=["soft", "none"], default=S,
-                      help="rank loss without a sorter: soft ranks or none (soft)")
-    p.add_argument("--epochs", type=int, default=S,
-                   help="epochs of every training job (default: rankcore.train.default_config)")
-    p.add_argument("--batch-size", type=int, default=S,
-                   help="global mini-batch, the sequence the rank loss ranks (default: "
-                        "rankcore.train.default_config)")
-    p.add_argument("--workers", type=int, default=S,
-                   help="local: stage-1 jobs run side by side in this many processes; "
-                        "ray: Ray Train workers per stage (1)")
-    p.add_argument("--gpu", action="store_true", default=S, help="train on CUDA (bf16)")
-    p.add_argument("--seed", type=int, default=S, help="random seed (0)")
-    p.add_argument("--k-folds", type=int, default=S,
-                   help="cross-fitting folds for stage 2's out-of-fold inputs (3)")
-    p.add_argument("--test-fraction", type=float, default=S,
-                   help="when no cached row is labelled test, hold out this share of the "
-                        "participants as the test split, as `pipeline` does (0.2; 0: none)")
-    p.add_argument("--split-seed", type=int, default=S,
-                   help="seed of the test hold-out's stable hash (0)")
-    p.add_argument("--engine", choices=["local", "ray"], default=S,
-                   help="train in this process or on Ray Train (local)")
-    p.add_argument("--storage-path", default=S,
-                   help="Ray Train storage (engine ray), outside MODEL_DIR")
-    p.add_argument("--ray-address", default=S, help="join this Ray cluster (engine ray)")
-    p.add_argument("--spacing", type=float, default=S,
-                   help="pick the cache of this voxel size (mm) when it holds several")
-    p.add_argument("--shape", type=int, nargs=3, default=S, metavar=("X", "Y", "Z"),
-                   help="pick the cache of this grid when it holds several")
-    p.add_argument("--tissue", action=argparse.BooleanOptionalAction, default=S,
-                   help="pick the cache ingested with (--tissue) or without (--no-tissue) "
-                        "tissue measurement when it holds both")
-    p.add_argument("--allow-incomplete-cache", action="store_true", default=S,
-                   help="use a cache whose ingest was interrupted (refused by default; "
-                        "results then cover only the subjects cached so far)")
-
-
-def _add_evaluate(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", nargs="?", default=S, metavar="MODEL_DIR",
-                   help="model folder written by `brainrank train`")
-    p.add_argument("cache", nargs="?", default=S, metavar="CACHE_DIR",
-                   help="cache holding volumes preprocessed as the model expects")
-    p.add_argument("--out", default=S, metavar="REPORT_DIR", help="report folder to write")
-    p.add_argument("--split", default=S,
-                   help="split label to evaluate, or 'all' for every cached subject (test)")
-    p.add_argument("--n-boot", type=int, default=S,
-                   help="bootstrap resamples for the 95%% intervals (1000; 0: none)")
-    p.add_argument("--seed", type=int, default=S, help="bootstrap seed (0)")
-    p.add_argument("--gpu", action="store_true", default=S, help="predict on CUDA")
-    p.add_argument("--no-store-bias", dest="store_bias", action="store_false", default=S,
-                   help="do not store the fitted bias correction in MODEL_DIR/bias.json")
-    p.add_argument("--allow-incomplete-cache", action="store_true", default=S,
-                   help="use a cache whose ingest was interrupted (refused by default; "
-                        "results then cover only the subjects cached so far)")
-
-
-def _add_predict(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", nargs="?", default=S, metavar="MODEL_DIR",
-                   help="model folder written by `brainrank train`")
-    p.add_argument("cohort", nargs="?", default=S, metavar="COHORT",
-                   help="BIDS root or manifest (.csv, .tsv, .parquet); ages optional")
-    p.add_argument("--out", default=S, metavar="PREDICTIONS_FILE",
-                   help="output table, .csv or .parquet")
-    p.add_argument("--bias-correct", action="store_true", default=S,
-                   help="fill corrected_age/corrected_gap with the correction stored by "
-                        "`brainrank evaluate` (MODEL_DIR/bias.json)")
-    p.add_argument("--bias-method", choices=["beheshti", "cole"], default=S,
-                   help="form of the bias correction (beheshti)")
-    p.add_argument("--bias-file", default=S, metavar="FILE",
-                   help="bias.json to use instead of MODEL_DIR/bias.json")
-    p.add_argument("--cache", default=S, metavar="CACHE_DIR",
-                   help="preprocessing cache (default: <PREDICTIONS_FILE stem>.cache next to "
-                        "the output)")
-    p.add_argument("--spacing", type=float, default=S,
-                   help="expected voxel size, mm: refused unless it is the model's")
-    p.add_argument("--shape", type=int, nargs=3, default=S, metavar=("X", "Y", "Z"),
-                   help="expected grid: refused unless it is the model's")
-    p.add_argument("--workers", type=int, default=S, help="preprocessing workers (1)")
-    p.add_argument("--engine", choices=["local", "ray"], default=S,
-                   help="preprocess in local processes or as Ray tasks (local)")
-    p.add_argument("--allow-outside-root", action="store_true", default=S,
-                   help="accept manifest paths outside the manifest's folder")
-    p.add_argument("--gpu", action="store_true", default=S, help="predict on CUDA")
-    p.add_argument("--max-failed-fraction", type=float, default=S,
-                   help="exit 3 when more than this fraction is set aside (1.0)")
-
-
-def _add_card(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model_dir", nargs="?", default=S, metavar="MODEL_DIR",
-                   help="model folder written by `brainrank train`")
-    p.add_argument("--json", dest="as_json", action="store_true", default=S,
-                   help="print the raw card.json")
-
-
-def _add_pipeline(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default=S, metavar="RUN_DIR",
-                   help="run folder (a rerun reuses every stage whose inputs did not change)")
-    p.add_argument("--cohort", default=S, metavar="COHORT",
-                   help="BIDS root or manifest (.csv, .tsv, .parquet); default: simulate one")
-    p.add_argument("--spacing", type=float, default=S, help="ingest voxel size, mm (2.0)")
-    p.add_argument("--shape", type=int, nargs=3, default=S, metavar=("X", "Y", "Z"),
-                   help="ingest grid in voxels (80 96 80)")
-    p.add_argument("--no-tissue", dest="tissue", action="store_false", default=S,
-                   help="ingest without tissue measurement (intensity volumes only)")
-    p.add_argument("--allow-outside-root", action="store_true", default=S,
-                   help="accept manifest paths outside the manifest's folder")
-    p.add_argument("--max-failed-fraction", type=float, default=S,
-                   help="stop (exit 3) when more than this fraction is quarantined (0.5)")
-    p.add_argument("--ray-address", default=S,
-                   help="join this Ray cluster (default: $RAY_ADDRESS; else Ray starts "
-                        "locally when a stage needs it)")
-    p.add_argument("--until", choices=["simulate", "ingest", "sorter", "train", "evaluate"],
-                   default=S, help="stop after this stage (evaluate)")
-
-
-def _add_submit(p: argparse.ArgumentParser) -> None:
-    p.add_argument("stage", nargs="?", default=None, metavar="COMMAND",
-                   choices=["pipeline", "simulate", "ingest", "pretrain-sorter", "train",
-                            "evaluate", "predict"],
-                   help="the brainrank command the job runs (pipeline)")
-    p.add_argument("--address", default=S, metavar="URL",
-                   help="the cluster's job server, http://HEAD:8265 (default: "
-                        "$RAY_API_SERVER_ADDRESS)")
-    p.add_argument("--config", dest="job_config", default=S, metavar="FILE",
-                   help="the job command's --config file (validated here, sent with the job)")
-    p.add_argument("--job-args", default=S, metavar="OPTIONS",
-                   help='the job command\'s options as one string, e.g. "--out RUN_DIR"')
-    p.add_argument("--working-dir", default=S, metavar="DIR",
-                   help="brainrank source folder uploaded as the job's code (.)")
-    p.add_argument("--pip", action="append", default=S, metavar="REQUIREMENT",
-                   help="pip requirement to add to the job's environment (repeatable)")
-    p.add_argument("--env", action="append", default=S, metavar="KEY=VALUE",
-                   help="environment variable of the job, e.g. PREFECT_API_URL (repeatable)")
-    p.add_argument("--wait", action="store_true", default=S,
-                   help="stream the job's logs until it ends; exit 0 only if it SUCCEEDED")
-    p.add_argument("--timeout", type=float, default=S, help="stop waiting after S seconds")
-    p.add_argument("--submission-id", default=S, help="the job's id (default: Ray picks one)")
-    p.add_argument("--num-cpus", type=float, default=S, help="CPUs reserved for the driver")
-    p.add_argument("--num-gpus", type=float, default=S, help="GPUs reserved for the driver")
-    p.add_argument("--python", default=S, metavar="EXE",
-                   help="the Python that runs the job on the cluster (python)")
-    p.add_argument("--token-file", default=S, metavar="FILE",
-                   help="the cluster's auth token (RAY_AUTH_MODE=token clusters; default "
-                        "$RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
-
-
-def _add_serve(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--root", default=S, metavar="DIR",
-                   help="folder of every deployment's outputs (runs/scheduled)")
-    p.add_argument("--cohort", default=S, metavar="COHORT",
-                   help="cohort of the scheduled runs (default: a simulated one)")
-    p.add_argument("--only", nargs="+", default=S, metavar="FLOW/NAME",
-                   help="serve only these deployments (e.g. pipeline/weekly)")
-    p.add_argument("--limit", type=int, default=S, help="flow runs at a time")
-
-
 #: command -> the parameter naming what it writes (locked for the run: one writer at a time).
 OUTPUT_FIELDS: dict[str, str] = {
     "simulate": "out_dir", "pretrain-sorter": "out", "train": "out", "evaluate": "out",
     "predict": "out", "pipeline": "out",
 }
-
-_ADDERS: dict[str, Callable[[argparse.ArgumentParser], None]] = {
-    "simulate": _add_simulate,
-    "ingest": _add_ingest,
-    "pretrain-sorter": _add_pretrain_sorter,
-    "train": _add_train,
-    "evaluate": _add_evaluate,
-    "predict": _add_predict,
-    "card": _add_card,
-    "pipeline": _add_pipeline,
-    "submit": _add_submit,
-    "serve": _add_serve,
-}
-
 
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -292,33 +61,37 @@ def _version() -> str:
 
 #: Parsed arguments that steer the command line itself, not a command's parameters (submit's
 #: `--config` is its `job_config` parameter: the job command's own config file).
-CLI_ONLY = ("command", "config", "verbose", "quiet")
+CLI_ONLY = ("command", "config", "verbose", "quiet", "print_config")
+
+EPILOG = ("Every option can also be set in a --config FILE (YAML or JSON; keys as "
+          "--print-config prints them, dashes or underscores); options given here win over "
+          "the file, the file over the defaults shown.")
+PIPELINE_EPILOG = ("The sections simulate, ingest, sorter (with sorter.pretrain), train and "
+                   "evaluate hold each stage's options (--train.epochs 5, or `train: {epochs: "
+                   "5}` in --config); --train.options KEY=VALUE reaches every TrainConfig key. "
+                   "`brainrank pipeline --out RUN_DIR --print-config` prints them all with "
+                   "their values. ")
 
 
 def given_options(args: argparse.Namespace) -> dict[str, Any]:
-    """The command's options given on the command line (``shape`` as a tuple)."""
-    given = {k: v for k, v in vars(args).items() if k not in CLI_ONLY}
-    if "shape" in given:
-        given["shape"] = tuple(given["shape"])
-    return given
+    """The command's options given on the command line, sections (``train.epochs``) nested."""
+    from flows._options import nest
+
+    return nest({k: v for k, v in vars(args).items() if k not in CLI_ONLY})
 
 
 def _set_verbosity(verbose: bool, quiet: bool) -> None:
     """-v: per-subject DEBUG lines reach the console; -q: warnings only, no progress bars."""
     import logging
 
-    if not (verbose or quiet):
-        return
-    from rankcore.progress import set_quiet
     from tasks import _logs
 
     if quiet:
+        from rankcore.progress import set_quiet
+
         os.environ["PREFECT_LOGGING_LEVEL"] = "WARNING"
         set_quiet(True)
-        _logs.set_level(logging.WARNING)
-    else:
-        _logs.set_level(logging.DEBUG)
-    logging.getLogger("rankcore").setLevel(logging.WARNING if quiet else logging.DEBUG)
+    _logs.set_level(logging.WARNING if quiet else logging.DEBUG if verbose else logging.INFO)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -333,12 +106,21 @@ def build_parser() -> argparse.ArgumentParser:
     loud.add_argument("-q", "--quiet", action="store_true",
                       help="warnings and errors only; no progress bars")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (_, _, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        _ADDERS[name](p)
+    from flows import params
+    from flows._options import LAYOUT, add_model_options
+
+    for name, (_, model_name, help_text) in COMMANDS.items():
+        epilog = (PIPELINE_EPILOG if name == "pipeline" else "") + EPILOG
+        usage = "%(prog)s --out RUN_DIR [options]" if name == "pipeline" else None
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                           usage=usage)
+        add_model_options(p, getattr(params, model_name), LAYOUT[name])
         if not any("--config" in a.option_strings for a in p._actions):
             p.add_argument("--config", default=None, metavar="FILE",
                            help="YAML or JSON file whose keys mirror the options")
+        p.add_argument("--print-config", action="store_true",
+                       help="print the resolved configuration (defaults < --config < options) "
+                            "as YAML and exit without running")
     return parser
 
 
@@ -347,6 +129,11 @@ def _prepare_environment() -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     # The telemetry heartbeat of a temporary server trips "database is locked" under load.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # rankcore's records reach the run logs through Prefect's extra loggers (tasks/_logs.py)
+    from tasks._logs import PREFECT_ENV
+
+    for key, value in PREFECT_ENV.items():
+        os.environ.setdefault(key, value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -363,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         model = getattr(params, model_name)
         run_params = _config.build_params(model, given, getattr(args, "config", None))
+        if args.print_config:
+            print(_config.to_yaml(run_params), end="")
+            return 0
         _prepare_environment()
         _set_verbosity(args.verbose, args.quiet)
         module = importlib.import_module(module_name)

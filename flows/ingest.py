@@ -13,7 +13,11 @@ import sys
 import time
 
 from prefect import flow, get_run_logger
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    update_progress_artifact,
+)
 from prefect.futures import as_completed
 from prefect.task_runners import ProcessPoolTaskRunner, ThreadPoolTaskRunner
 from prefect.utilities.annotations import quote
@@ -23,7 +27,6 @@ from flows.params import IngestParams
 from rankcore.cache import CacheLayout, IngestPlan, cache_lock, commit_batch
 from rankcore.mri import PreprocessConfig
 from rankcore.progress import progress_bar
-from tasks._logs import forward_logs
 from tasks.ingest import (
     finalize_ingest_task,
     ingest_batch_task,
@@ -33,7 +36,22 @@ from tasks.ingest import (
 )
 
 
-def _run_local(plan: IngestPlan, workers: int) -> None:
+class _Progress:
+    """The run's ``ingest-progress`` artifact: percent of the subjects to process, done."""
+
+    def __init__(self, plan: IngestPlan) -> None:
+        self.todo, self.done = max(plan.n_todo, 1), 0
+        self.id = create_progress_artifact(
+            0.0 if plan.n_todo else 100.0, key="ingest-progress",
+            description=f"ingest: {plan.n_todo} subject(s) to process")
+
+    def add(self, subjects: int) -> None:
+        self.done += subjects
+        update_progress_artifact(self.id, round(100.0 * min(self.done / self.todo, 1.0), 1),
+                                 description=f"ingest: {self.done} of {self.todo} subject(s)")
+
+
+def _run_local(plan: IngestPlan, workers: int, artifact: _Progress) -> None:
     """Each batch as a task: in this process for one worker, else in a process pool."""
     if not plan.batches:
         return
@@ -42,14 +60,16 @@ def _run_local(plan: IngestPlan, workers: int) -> None:
             for done, batch in enumerate(plan.batches, 1):
                 commit_batch(plan, ingest_batch_task(quote(batch)))
                 bar(done)
+                artifact.add(len(batch.subjects))
             return
         runner = ProcessPoolTaskRunner(max_workers=min(workers, len(plan.batches)))
         with runner:
-            futures = [runner.submit(ingest_batch_task, {"batch": quote(b)})
-                       for b in plan.batches]
-            for done, future in enumerate(as_completed(futures), 1):
+            futures = {runner.submit(ingest_batch_task, {"batch": quote(b)}): b
+                       for b in plan.batches}
+            for done, future in enumerate(as_completed(list(futures)), 1):
                 commit_batch(plan, future.result())
                 bar(done)
+                artifact.add(len(futures[future].subjects))
 
 
 @flow(name="ingest", log_prints=False, task_runner=ThreadPoolTaskRunner(max_workers=1))
@@ -63,21 +83,22 @@ def ingest_flow(params: IngestParams) -> dict:
     logger = get_run_logger()
     t0 = time.perf_counter()
     config = PreprocessConfig(spacing=params.spacing, shape=tuple(params.shape),
-                              tissue=params.tissue)
+                              tissue=params.tissue, allow_whole_head=params.allow_whole_head)
     cohort = read_cohort_task(params.cohort, params.allow_outside_root, params.require_age)
     logger.info("cohort %s: %d image row(s), %d row(s) set aside while reading the table",
                 params.cohort, len(cohort.rows), len(cohort.quarantine))
-    with cache_lock(CacheLayout.for_config(params.cache, config)), \
-            forward_logs(logger, ("rankcore.cache",)):
+    with cache_lock(CacheLayout.for_config(params.cache, config)):
         plan = plan_ingest_task(quote(cohort), params.cache, config, params.batch_size,
                                 params.workers)
         logger.info("cache %s: %d reused, %d to process in %d batch(es) on engine %s",
                     plan.layout.folder, len(plan.reused), plan.n_todo, len(plan.batches),
                     params.engine)
+        artifact = _Progress(plan)
         if params.engine == "ray":
             ingest_batches_ray_task(quote(plan), params.workers, params.ray_address)
+            artifact.add(plan.n_todo)
         else:
-            _run_local(plan, params.workers)
+            _run_local(plan, params.workers, artifact)
         summary = finalize_ingest_task(quote(plan), time.perf_counter() - t0)
     logger.info("ingest summary: %s", summary.to_text().replace("\n", "; "))
     create_markdown_artifact(

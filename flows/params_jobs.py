@@ -28,20 +28,34 @@ class SubmitParams(_Params):
     the interpreter that runs the job on the cluster (default: `python` on the nodes' PATH).
     """
 
-    address: str | None = None
-    stage: JobCommand = "pipeline"
-    job_config: str | None = None
-    job_args: list[str] = Field(default_factory=list)
-    working_dir: str = "."
-    pip: list[str] = Field(default_factory=list)
-    env: dict[str, str] = Field(default_factory=dict)
-    wait: bool = False
-    timeout: float | None = Field(None, gt=0)
-    submission_id: str | None = None
-    num_cpus: float | None = Field(None, ge=0)
-    num_gpus: float | None = Field(None, ge=0)
-    token_file: str | None = None
-    python: str = Field("python", min_length=1)
+    address: str | None = Field(None, description="the cluster's job server, http://HEAD:8265 "
+                                                  "(default: $RAY_API_SERVER_ADDRESS)")
+    stage: JobCommand = Field("pipeline", description="the brainrank command the job runs")
+    job_config: str | None = Field(None, description="the job command's --config file "
+                                                     "(validated here, sent with the job)")
+    job_args: list[str] = Field(default_factory=list,
+                                description='the job command\'s options as one string, e.g. '
+                                            '"--out RUN_DIR"')
+    working_dir: str = Field(".", description="brainrank source folder uploaded as the job's "
+                                              "code")
+    pip: list[str] = Field(default_factory=list, description="pip requirement to add to the "
+                                                             "job's environment (repeatable)")
+    env: dict[str, str] = Field(default_factory=dict,
+                                description="environment variable of the job, e.g. "
+                                            "PREFECT_API_URL (repeatable)")
+    wait: bool = Field(False, description="stream the job's logs until it ends; exit 0 only if "
+                                          "it SUCCEEDED")
+    timeout: float | None = Field(None, gt=0, description="stop waiting after this many "
+                                                          "seconds")
+    submission_id: str | None = Field(None, description="the job's id (default: Ray picks "
+                                                        "one)")
+    num_cpus: float | None = Field(None, ge=0, description="CPUs reserved for the driver")
+    num_gpus: float | None = Field(None, ge=0, description="GPUs reserved for the driver")
+    token_file: str | None = Field(None, description="the cluster's auth token (RAY_AUTH_MODE="
+                                                     "token clusters; default $RAY_AUTH_TOKEN, "
+                                                     "$RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
+    python: str = Field("python", min_length=1, description="the Python that runs the job on "
+                                                            "the cluster")
 
     @field_validator("job_args", mode="before")
     @classmethod
@@ -79,7 +93,10 @@ class ServeParams(_Params):
     for the schedules to fire; runs until interrupted.
     """
 
-    root: str = Field("runs/scheduled", min_length=1)
-    cohort: str | None = None
-    only: list[str] = Field(default_factory=list)
-    limit: int | None = Field(None, ge=1)
+    root: str = Field("runs/scheduled", min_length=1,
+                      description="folder of every deployment's outputs")
+    cohort: str | None = Field(None, description="cohort of the scheduled runs (default: a "
+                                                 "simulated one)")
+    only: list[str] = Field(default_factory=list, description="serve only these deployments "
+                                                              "(e.g. pipeline/weekly)")
+    limit: int | None = Field(None, ge=1, description="flow runs at a time")

@@ -14,6 +14,9 @@ from pydantic import (
 )
 
 from flows.params import (
+    ALLOW_OUTSIDE_ROOT,
+    COHORT,
+    GRID,
     EvaluateParams,
     IngestParams,
     PretrainSorterParams,
@@ -21,7 +24,6 @@ from flows.params import (
     TrainParams,
     _Params,
 )
-from rankcore.mri.grid import check_shape
 
 # ------------------------------------------------------------------------------- pipeline
 # The pipeline's sections are the stage models minus what the pipeline decides itself (paths
@@ -40,7 +42,7 @@ def _section(model: type[BaseModel], name: str, drop: tuple[str, ...], doc: str
 PIPELINE_DERIVED: dict[str, tuple[str, ...]] = {
     "simulate": ("out_dir",),
     "ingest": ("cohort", "cache", "spacing", "shape", "tissue", "max_failed_fraction",
-               "allow_outside_root", "require_age", "ray_address"),
+               "allow_outside_root", "require_age", "ray_address", "allow_whole_head"),
     "pretrain": ("out", "ray_address"),
     "train": ("cache", "out", "rank_loss", "sorter", "ray_address", "spacing", "shape",
               "tissue", "test_fraction", "split_seed"),
@@ -76,9 +78,12 @@ class PipelineSorter(_Params):
     ``pretrain.workers`` > 1 or a Ray address is given) or "none" (no ranking loss).
     """
 
-    source: Literal["shipped", "file", "pretrain", "soft", "none"] = "soft"
-    name: str = Field("pairwise", min_length=1)
-    file: str | None = None
+    source: Literal["shipped", "file", "pretrain", "soft", "none"] = Field(
+        "soft", description="where the rank loss comes from: soft ranks (no sorter), a shipped "
+                            "sorter, a sorter file, a pretrained one, or none")
+    name: str = Field("pairwise", min_length=1, description="the shipped sorter (source "
+                                                            "'shipped')")
+    file: str | None = Field(None, description="the sorter file (source 'file')")
     pretrain: PipelinePretrain = Field(default_factory=PipelinePretrain)
 
     @model_validator(mode="after")
@@ -108,17 +113,24 @@ class PipelineParams(_Params):
     stage commands); ``train.options`` / ``train.stage2_options`` reach TrainConfig.
     """
 
-    out: str = Field(min_length=1)
-    cohort: str | None = None
-    spacing: float = Field(2.0, gt=0, le=8)
-    shape: tuple[int, int, int] = (80, 96, 80)
-    tissue: bool = True
-    allow_outside_root: bool = False
-    max_failed_fraction: float = Field(0.5, ge=0, le=1)
-    ray_address: str | None = None
-    test_fraction: float = Field(0.2, gt=0, le=0.5)
-    split_seed: int = Field(0, ge=0)
-    until: Literal["simulate", "ingest", "sorter", "train", "evaluate"] = "evaluate"
+    out: str = Field(min_length=1, description="run folder (a rerun reuses every stage whose "
+                                               "inputs did not change)")
+    cohort: str | None = Field(None, description=f"{COHORT}; default: simulate one")
+    spacing: float = Field(2.0, gt=0, le=8, description="ingest voxel size, mm")
+    shape: tuple[int, int, int] = Field((80, 96, 80), description=f"ingest {GRID}")
+    tissue: bool = Field(True, description="ingest with tissue measurement (off: intensity "
+                                           "volumes only)")
+    allow_outside_root: bool = Field(False, description=ALLOW_OUTSIDE_ROOT)
+    max_failed_fraction: float = Field(0.5, ge=0, le=1, description="stop (exit 3) when more "
+                                       "than this fraction is quarantined")
+    ray_address: str | None = Field(None, description="join this Ray cluster (default: "
+                                                      "$RAY_ADDRESS; else Ray starts locally "
+                                                      "when a stage needs it)")
+    test_fraction: float = Field(0.2, gt=0, le=0.5, description="when no cohort row is "
+                                 "labelled test, hold out about this share of the participants")
+    split_seed: int = Field(0, ge=0, description="seed of the test hold-out's stable hash")
+    until: Literal["simulate", "ingest", "sorter", "train", "evaluate"] = Field(
+        "evaluate", description="stop after this stage")
     simulate: PipelineSimulate = Field(default_factory=PipelineSimulate)
     ingest: PipelineIngest = Field(default_factory=PipelineIngest)
     sorter: PipelineSorter = Field(default_factory=PipelineSorter)
@@ -142,6 +154,8 @@ class PipelineParams(_Params):
     @field_validator("shape")
     @classmethod
     def _pipeline_grid_fits(cls, v: tuple[int, int, int], info) -> tuple[int, int, int]:
+        from rankcore.mri.grid import check_shape  # scipy: imported on use
+
         return check_shape(v, info.data.get("spacing"))
 
     @model_validator(mode="after")

@@ -49,7 +49,7 @@ def predict_flow(params: PredictParams) -> dict:
                            params.bias_method, params.bias_file, params.cache, params.spacing,
                            params.shape, params.workers, params.engine,
                            params.allow_outside_root, params.batch_size, _device(params),
-                           params.max_spacing_ratio)
+                           params.max_spacing_ratio, params.allow_whole_head)
     logger.info("predicted %d of %d subject(s) into %s; %d set aside (%s)",
                 summary["predicted"], summary["total"], summary["out_file"],
                 summary["n_quarantined"], summary["quarantine_file"])

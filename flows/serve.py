@@ -10,10 +10,14 @@ Deployments (flow/deployment name; every path under ROOT, the cohort COHORT):
   with the same held-out split, and the weekly run finds them cached.
 - ``pipeline/adhoc`` and ``<stage>/adhoc`` for every stage flow (simulate, ingest,
   pretrain-sorter, train, evaluate, predict): no schedule, run on demand with
-  ``prefect deployment run FLOW/adhoc --params '{"params": {...}}'``.
+  ``prefect deployment run FLOW/adhoc --params '{...}'``.
 
-Parameters are the flows' pydantic models as dicts (``{"params": {...}}``), validated here
-and, with ``enforce_parameter_schema``, by the server for every run.
+The deployed flows (flows/deployed.py) take the fields of the flow's pydantic model as flat
+parameters, so a run's ``--params`` changes the keys it names and keeps the others. They are
+validated here and, with ``enforce_parameter_schema``, by the server for every run. The
+deployments that write ROOT/run (weekly, nightly-ingest, pipeline/adhoc, ingest/adhoc) run one
+flow run at a time each (``concurrency_limit`` 1, later runs wait); across them the run
+folder's lock refuses a second writer.
 deployments/prefect.yaml holds these specs for ROOT=/data/brainrank, COHORT=/data/cohort
 (a test keeps the two equal); `brainrank serve --root DIR --cohort COHORT` (or
 ``python -m deployments.serve``) serves them with ``prefect.serve`` for users without a work
@@ -38,27 +42,23 @@ TIMEZONE = "UTC"
 WORK_POOL = "brainrank"
 TAGS = ("brainrank",)
 
-#: command -> flow entrypoint (module:function).
-ENTRYPOINTS = {
-    "pipeline": "flows.pipeline:pipeline_flow",
-    "simulate": "flows.simulate:simulate_flow",
-    "ingest": "flows.ingest:ingest_flow",
-    "pretrain-sorter": "flows.pretrain_sorter:pretrain_sorter_flow",
-    "train": "flows.train:train_flow",
-    "evaluate": "flows.evaluate:evaluate_flow",
-    "predict": "flows.predict:predict_flow",
-}
+#: command -> the deployed flow's entrypoint (module:attribute; flows/deployed.py).
+ENTRYPOINTS = {command: f"flows.deployed:{command.replace('-', '_')}" for command in
+               ("pipeline", "simulate", "ingest", "pretrain-sorter", "train", "evaluate",
+                "predict")}
 
 
 @dataclass(frozen=True)
 class DeploymentSpec:
-    """One deployment: its name, flow, schedule (cron or None) and ``params`` argument."""
+    """One deployment: its name, flow, schedule (cron or None), parameters and concurrency
+    limit (flow runs at a time, None: no limit)."""
 
     name: str
     command: str
     cron: str | None
     description: str
     params: dict[str, Any] = field(default_factory=dict)
+    concurrency_limit: int | None = None
 
     @property
     def entrypoint(self) -> str:
@@ -92,15 +92,16 @@ def deployment_specs(root: str, cohort: str | None = None) -> list[DeploymentSpe
     specs = [
         DeploymentSpec("weekly", "pipeline", WEEKLY,
                        "Weekly retrain + evaluate: the whole pipeline, reusing unchanged "
-                       "stages.", pipeline),
+                       "stages.", pipeline, 1),
         DeploymentSpec("nightly-ingest", "pipeline", NIGHTLY,
                        "Nightly ingest of new subjects into the weekly run's cache.",
-                       {**pipeline, "until": "ingest"}),
-        DeploymentSpec("adhoc", "pipeline", None, "The whole pipeline, on demand.", pipeline),
+                       {**pipeline, "until": "ingest"}, 1),
+        DeploymentSpec("adhoc", "pipeline", None, "The whole pipeline, on demand.", pipeline,
+                       1),
         DeploymentSpec("adhoc", "simulate", None, "Simulate a cohort.",
                        {"out_dir": f"{root}/simulated"}),
         DeploymentSpec("adhoc", "ingest", None, "Ingest a cohort into the run's cache.",
-                       {"cohort": cohort or f"{run}/cohort", "cache": f"{run}/cache"}),
+                       {"cohort": cohort or f"{run}/cohort", "cache": f"{run}/cache"}, 1),
         DeploymentSpec("adhoc", "pretrain-sorter", None, "Pretrain a learned sorter.",
                        {"out": f"{root}/adhoc/sorter.safetensors"}),
         DeploymentSpec("adhoc", "train", None, "Train a cascade on the run's cache.",
@@ -130,9 +131,16 @@ def build_deployments(params: ServeParams) -> list[Any]:
     if unknown:
         raise InputError(f"`only` must name deployments among {', '.join(sorted(known))}, "
                          f"got {', '.join(unknown)}")
+    from prefect.client.schemas.objects import ConcurrencyLimitConfig
+
+    def limit(spec: DeploymentSpec) -> ConcurrencyLimitConfig | None:
+        if spec.concurrency_limit is None:
+            return None
+        return ConcurrencyLimitConfig(limit=spec.concurrency_limit, collision_strategy="ENQUEUE")
+
     return [_flow(s.command).to_deployment(
-                name=s.name, cron=s.cron, parameters={"params": s.params},
-                description=s.description, tags=list(TAGS), enforce_parameter_schema=True)
+                name=s.name, cron=s.cron, parameters=s.params, description=s.description,
+                tags=list(TAGS), enforce_parameter_schema=True, concurrency_limit=limit(s))
             for s in specs if not params.only or f"{s.command}/{s.name}" in params.only]
 
 

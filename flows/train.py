@@ -34,7 +34,6 @@ from rankcore.train.cascade_plan import CARD_FILE, default_config
 from tasks.train import (
     cache_complete_task,
     finish_training_task,
-    forward_logs,
     plan_training_task,
     release_ray,
     summarise,
@@ -144,9 +143,8 @@ def _train(params: TrainParams, logger) -> dict:
     artifact = create_progress_artifact(
         0.0, key="train-progress", description=f"cascade training into {plan.model_dir}")
     try:
-        with forward_logs(logger):
-            _run_jobs(plan, params, artifact)
-            summary = finish_training_task(plan)
+        _run_jobs(plan, params, artifact)
+        summary = finish_training_task(plan)
     finally:
         release_ray()
     update_progress_artifact(artifact, 100.0, description="done")

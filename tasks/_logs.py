@@ -1,61 +1,34 @@
-"""Forward rankcore's log records (per-subject lines, per-epoch lines) to a Prefect run logger."""
+"""Where rankcore's log records go, and brainrank's own errors kept to one line on the console.
+
+rankcore's records (per-subject lines, per-epoch lines) reach the Prefect run they happen in
+through Prefect's own extra-loggers setting, ``PREFECT_LOGGING_EXTRA_LOGGERS=rankcore`` (read
+when Prefect sets up logging: the CLI, `brainrank serve`, the work pool of
+deployments/prefect.yaml and the Ray job entry point set it first), with their tracebacks.
+Everywhere they also reach the console through the root logger. This module sets the
+``rankcore`` logger's level: INFO unless the CLI chose another (``-v`` DEBUG, ``-q`` WARNING).
+"""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import sys
-from collections.abc import Iterator, Sequence
 
-#: Lowest level forwarded: INFO by default, DEBUG with `brainrank -v` (per-subject lines),
-#: WARNING with `brainrank -q` (see :func:`set_level`).
-_level = logging.INFO
+#: The library's logger; Prefect attaches its API handler to it (the extra-loggers setting).
+LIBRARY_LOGGER = "rankcore"
+
+#: The environment that sends rankcore's records to the runs' logs (set before Prefect loads).
+PREFECT_ENV = {"PREFECT_LOGGING_EXTRA_LOGGERS": LIBRARY_LOGGER,
+               # a record logged outside any run (library use, a Ray worker) is not an error
+               "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore"}
 
 
 def set_level(level: int) -> None:
-    """Forward records of ``level`` and up from now on."""
-    global _level
-    _level = int(level)
+    """Records of ``level`` and up of every rankcore logger reach the console and the runs."""
+    logging.getLogger(LIBRARY_LOGGER).setLevel(int(level))
 
 
-class ToRunLogger(logging.Handler):
-    """A logging handler that re-emits records on a Prefect run logger (flow or task).
-
-    DEBUG records (forwarded only at verbosity DEBUG) are re-emitted at INFO, the lowest level
-    a run logger prints.
-    """
-
-    def __init__(self, target: logging.LoggerAdapter):
-        super().__init__(_level)
-        self.target = target
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.target.log(max(record.levelno, logging.INFO), record.getMessage())
-
-
-@contextlib.contextmanager
-def forward_logs(target: logging.LoggerAdapter, names: Sequence[str]) -> Iterator[None]:
-    """Send the records (INFO and up; see :func:`set_level`) of ``names`` to ``target``.
-
-    A logger that already forwards to a run logger (an enclosing ``forward_logs``) is left as
-    it is, so nested flows and tasks do not print each line twice.
-    """
-    handler = ToRunLogger(target)
-    saved = []
-    for name in names:
-        source = logging.getLogger(name)
-        if any(isinstance(h, ToRunLogger) for h in source.handlers):
-            continue
-        saved.append((source, source.level, source.propagate))
-        source.addHandler(handler)
-        source.setLevel(_level)
-        source.propagate = False  # the run logger prints to the console already
-    try:
-        yield
-    finally:
-        for source, level, propagate in saved:
-            source.removeHandler(handler)
-            source.level, source.propagate = level, propagate
+if logging.getLogger(LIBRARY_LOGGER).level == logging.NOTSET:
+    set_level(logging.INFO)  # the root logger's WARNING would drop the per-epoch lines
 
 
 class OwnErrorFilter(logging.Filter):

@@ -7,23 +7,13 @@ again.
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
 from typing import Any
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+import tasks._logs  # noqa: F401  (rankcore's log level)
 from rankcore.report.evaluate import evaluate_model
-from tasks._logs import forward_logs as _forward_logs
-
-#: rankcore loggers whose records reach the run's log.
-LOGGERS = ("rankcore.report", "rankcore.inference", "rankcore.cache")
-
-
-def forward_logs(target: logging.LoggerAdapter, names: Sequence[str] = LOGGERS):
-    """Send the records of the ``names`` loggers (INFO and up) to a Prefect run logger."""
-    return _forward_logs(target, names)
 
 
 @task(name="evaluate-model", retries=0, cache_policy=NO_CACHE)
@@ -34,10 +24,8 @@ def evaluate_task(model_dir: str, cache: str, out: str, split: str, n_boot: int,
 
     Keys: out_dir, files (name -> path), metrics (metrics.json), summary_markdown, warnings.
     """
-    with forward_logs(get_run_logger()):
-        ev = evaluate_model(model_dir, cache, out, split=split, n_boot=n_boot, seed=seed,
-                            level=level, batch_size=batch_size, device=device,
-                            store_bias=store_bias,
-                            allow_incomplete_cache=allow_incomplete_cache)
+    ev = evaluate_model(model_dir, cache, out, split=split, n_boot=n_boot, seed=seed,
+                        level=level, batch_size=batch_size, device=device,
+                        store_bias=store_bias, allow_incomplete_cache=allow_incomplete_cache)
     return {"out_dir": str(ev.out_dir), "files": ev.files, "metrics": ev.metrics,
             "summary_markdown": ev.summary_markdown, "warnings": list(ev.warnings)}

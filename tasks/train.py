@@ -9,29 +9,20 @@ inside the task; no prefect-ray), and the flow releases it with :func:`release_r
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 from uuid import UUID
 
-from prefect import get_run_logger, task
+from prefect import task
 from prefect.artifacts import update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+import tasks._logs  # noqa: F401  (rankcore's log level)
 from rankcore.errors import BrainrankError
 from rankcore.progress import progress_bar
 from rankcore.train.cascade import finish_cascade, run_job
 from rankcore.train.cascade_plan import CascadePlan, plan_cascade
-from tasks._logs import forward_logs as _forward_logs
-
-#: The logger whose records (per-epoch lines with loss parts and val MAE / SRCC) are forwarded.
-TRAIN_LOGGER = "rankcore.train"
 
 _ray_started = False
-
-
-def forward_logs(target: logging.LoggerAdapter):
-    """Send ``rankcore.train`` records to ``target`` (unless this process forwards them already)."""
-    return _forward_logs(target, (TRAIN_LOGGER,))
 
 
 def _retry_unless_our_error(task, task_run, state) -> bool:
@@ -92,7 +83,6 @@ def train_job_task(plan: CascadePlan, job: str, progress_artifact: UUID | None =
     Updates the progress artifact ``progress_artifact`` (percent of all planned epochs) after
     every epoch. Returns the job summary of :func:`rankcore.train.cascade.run_job`.
     """
-    logger = get_run_logger()
     if plan.engine == "ray":
         _ensure_ray(ray_address, plan.workers)
 
@@ -104,8 +94,7 @@ def train_job_task(plan: CascadePlan, job: str, progress_artifact: UUID | None =
                     progress_artifact, round(100.0 * event["fraction"], 1),
                     description=f"{event['job']}: epoch {event['epoch']}/{event['epochs']}")
 
-        with forward_logs(logger):
-            return run_job(plan, job, progress)
+        return run_job(plan, job, progress)
 
 
 @task(name="finish-training", retries=0, cache_policy=NO_CACHE)

@@ -27,6 +27,9 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ["PREFECT_LOGGING_LEVEL"] = os.environ.get("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.pop("PREFECT_API_URL", None)
+# rankcore's records reach the run logs as under the CLI (tasks/_logs.py: PREFECT_ENV)
+os.environ["PREFECT_LOGGING_EXTRA_LOGGERS"] = "rankcore"
+os.environ["PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW"] = "ignore"
 os.environ.pop("RAY_ADDRESS", None)
 
 

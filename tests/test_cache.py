@@ -538,8 +538,10 @@ def test_every_quarantine_category_through_the_real_ingest(tmp_path):
     cache = tmp_path / "cache"
     s = ingest_cohort(cohort, cache, CFG, batch_size=16)  # good and bad share one batch
     # sub-g0's identical rows collapse to one; sub-dup's conflicting rows are both set aside;
-    # tissue_failed needs tissue on (CFG has it off): tests/test_mri_tissue.py covers it
-    assert s.quarantined == {c: 0 if c == "tissue_failed" else 2 if c == "duplicate_id" else 1
+    # tissue_failed needs tissue on (CFG has it off): tests/test_mri_tissue.py covers it;
+    # not_skull_stripped needs a head: tests/test_whole_head.py and test_whole_head_cli.py
+    assert s.quarantined == {c: 0 if c in ("tissue_failed", "not_skull_stripped")
+                             else 2 if c == "duplicate_id" else 1
                              for c in QUARANTINE_CATEGORIES}
     assert s.total == 14 and s.ingested == 3 and s.failed_fraction == pytest.approx(11 / 14)
     view = open_cache(cache)

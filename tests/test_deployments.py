@@ -44,9 +44,12 @@ def test_prefect_yaml_holds_exactly_the_served_deployments():
     doc = _yaml("prefect.yaml")
     got = [(d["entrypoint"], d["name"], [s["cron"] for s in d.get("schedules", [])],
             d["parameters"], d["description"], d["work_pool"]["name"],
-            d["enforce_parameter_schema"]) for d in doc["deployments"]]
-    want = [(s.entrypoint, s.name, [s.cron] if s.cron else [], {"params": s.params},
-             s.description, "brainrank", True)
+            d["enforce_parameter_schema"], d.get("concurrency_limit"))
+           for d in doc["deployments"]]
+    want = [(s.entrypoint, s.name, [s.cron] if s.cron else [], s.params,
+             s.description, "brainrank", True,
+             s.concurrency_limit and {"limit": s.concurrency_limit,
+                                      "collision_strategy": "ENQUEUE"})
             for s in deployment_specs("/data/brainrank", "/data/cohort")]
     assert got == want
     # the pipeline and every stage flow is deployed; the two schedules are nightly and weekly
@@ -54,6 +57,16 @@ def test_prefect_yaml_holds_exactly_the_served_deployments():
     crons = {d["name"]: d["schedules"][0]["cron"] for d in doc["deployments"]
              if d.get("schedules")}
     assert crons == {"nightly-ingest": "0 1 * * *", "weekly": "0 3 * * 0"}
+    # every deployment writing the run folder runs one flow run at a time
+    run = "/data/brainrank/run"
+    writers = [d for d in doc["deployments"]
+               if str(d["parameters"].get("out", d["parameters"].get("cache", ""))
+                      ).startswith(run)]
+    assert len(writers) == 4
+    assert all(d["concurrency_limit"]["limit"] == 1 for d in writers)
+    # rankcore's log lines reach the runs through Prefect's own extra-loggers setting
+    env = doc["definitions"]["work_pool"]["job_variables"]["env"]
+    assert env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "rankcore"
 
 
 def test_every_deployment_names_a_real_flow_and_valid_parameters():
@@ -64,6 +77,12 @@ def test_every_deployment_names_a_real_flow_and_valid_parameters():
         flow = getattr(importlib.import_module(module), name)
         assert flow.name == spec.flow_name
         spec.validate()  # the flow's pydantic model accepts the parameters
+        # the deployed flow's parameters are the model's fields, with its defaults
+        model = spec.validate().__class__
+        schema = flow.parameters
+        assert list(schema.properties) == list(model.model_fields)
+        assert set(schema.required or []) == {n for n, f in model.model_fields.items()
+                                             if f.is_required()}
 
 
 def test_serve_builds_the_same_deployments_under_another_root(tmp_path):
@@ -71,9 +90,9 @@ def test_serve_builds_the_same_deployments_under_another_root(tmp_path):
     names = sorted(f"{d.flow_name}/{d.name}" for d in deployments)
     assert names == sorted(f"{s.command}/{s.name}" for s in deployment_specs(str(tmp_path)))
     weekly = next(d for d in deployments if d.name == "weekly")
-    assert weekly.parameters == {"params": {"out": f"{tmp_path}/run"}}
+    assert weekly.parameters == {"out": f"{tmp_path}/run"}
     assert weekly.schedules[0].schedule.cron == "0 3 * * 0"
-    assert weekly.enforce_parameter_schema
+    assert weekly.enforce_parameter_schema and weekly.concurrency_limit == 1
     only = build_deployments(ServeParams(root=str(tmp_path), only=["ingest/adhoc"]))
     assert [(d.flow_name, d.name) for d in only] == [("ingest", "adhoc")]
     with pytest.raises(InputError, match="`only` must name deployments"):

@@ -155,7 +155,8 @@ def test_prefect_yaml_deploys_and_a_process_worker_runs_the_pipeline(prefect_api
             out = _run([prefect, "deploy", "--all", "--prefect-file",
                         "deployments/prefect.yaml"], env, 240)
             assert "pipeline/weekly" in out.stdout and "predict/adhoc" in out.stdout
-            params = json.dumps({"params": {**TINY, "out": str(run_dir)}})
+            # the deployment's cohort (/data/cohort) is kept unless overridden: null simulates
+            params = json.dumps({**TINY, "out": str(run_dir), "cohort": None})
             out = _run([prefect, "deployment", "run", "pipeline/adhoc", "--params", params,
                         "--watch", "--watch-timeout", "300"], env, 360)
         finally:
@@ -175,14 +176,13 @@ def test_brainrank_serve_runs_a_served_deployment(prefect_api, tmp_path):
              "pipeline/weekly"]
     with _service(serve, env, tmp_path / "serve.log",
                   f"{env['PREFECT_API_URL']}/deployments/name/simulate/adhoc"):
-        params = json.dumps({"params": {"out_dir": str(root / "sim"), "subjects": 2,
-                                        "spacing": 4.0}})
+        params = json.dumps({"out_dir": str(root / "sim"), "subjects": 2, "spacing": 4.0})
         out = _run([str(BIN / "prefect"), "deployment", "run", "simulate/adhoc", "--params",
                     params, "--watch", "--watch-timeout", "200"], env, 240)
     assert "Completed" in out.stdout, out.stdout[-3000:]
     assert len(list((root / "sim").glob("sub-*/anat/*_T1w.nii*"))) == 2
     weekly = json.loads(_api("GET", f"{env['PREFECT_API_URL']}/deployments/name/pipeline/weekly"))
-    assert weekly["parameters"] == {"params": {"out": f"{root}/run"}}
+    assert weekly["parameters"] == {"out": f"{root}/run"}
     assert [s["schedule"]["cron"] for s in weekly["schedules"]] == ["0 3 * * 0"]
 
 

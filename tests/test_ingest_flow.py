@@ -80,6 +80,9 @@ def test_ingest_flow_fills_the_cache_and_a_rerun_reuses_everything(
     artifact = Artifact.get("ingest-summary")
     assert artifact is not None and "| ingested | 4 |" in artifact.data
     assert "| quarantined: unreadable | 1 |" in artifact.data
+    progress = Artifact.get("ingest-progress")  # updated batch by batch, full at the end
+    assert progress is not None and float(progress.data) == pytest.approx(100.0)
+    assert "5 of 5 subject(s)" in progress.description
 
     again = ingest_flow(_params(manifest, cache))
     assert (again["ingested"], again["reused"], again["n_quarantined"]) == (0, 4, 1)

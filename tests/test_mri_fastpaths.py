@@ -602,10 +602,11 @@ def _brain_ml(img_seed: int) -> float:
     return float(brain.sum()) * HEAD_VOXEL**3 / 1000
 
 
-def _preprocess(img: np.ndarray):
+def _preprocess(img: np.ndarray, *, allow_whole_head: bool = False):
     affine = np.diag([HEAD_VOXEL] * 3 + [1.0])
     return preprocess_volume(img, affine, PreprocessConfig(spacing=HEAD_VOXEL, shape=(23, 27, 19),
-                                                           tissue=False))
+                                                           tissue=False,
+                                                           allow_whole_head=allow_whole_head))
 
 
 @pytest.mark.parametrize("seed", range(3))
@@ -630,7 +631,10 @@ def test_skull_stripped_route_drops_a_distant_speck():
 def test_whole_head_image_takes_the_otsu_route(seed, bg_noise, gap):
     img = _head(seed, stripped=False, bg_noise=bg_noise, gap=gap)
     assert _route(img) == "otsu"
-    pv = _preprocess(img)
+    with pytest.raises(QuarantineError, match="looks like a whole head") as err:
+        _preprocess(img)  # set aside unless the user allows whole heads
+    assert err.value.category == "not_skull_stripped"
+    pv = _preprocess(img, allow_whole_head=True)
     assert any("(not skull-stripped: voxels above Otsu threshold" in a for a in pv.actions)
     # the dark gap separates brain from shell: the largest component is the brain
     assert pv.features["brain_volume_ml"] == pytest.approx(_brain_ml(seed), rel=0.02)
@@ -644,3 +648,11 @@ def test_whole_head_with_zero_background_and_grey_gap_takes_the_otsu_route():
     # rule "background", brain_volume_ml = head volume (~2.4x the brain).
     img = _head(0, stripped=False, bg_noise=0.0, gap=10.0)
     assert _route(img) == "otsu"
+
+
+def test_whole_head_with_zero_background_and_grey_gap_is_quarantined():
+    # The xfail above: its mask is the whole head, but the whole-head check sets it aside.
+    img = _head(0, stripped=False, bg_noise=0.0, gap=10.0)
+    with pytest.raises(QuarantineError) as err:
+        _preprocess(img)
+    assert err.value.category == "not_skull_stripped"

@@ -97,3 +97,38 @@ def test_images_without_ages_are_refused_where_ages_are_needed(tmp_path, volume)
     for target in (tmp_path / "x.nii.gz", tmp_path):
         with pytest.raises(InputError, match=r"carries no ages.*write a manifest"):
             read_cohort(target)
+
+
+def _whole_head(rng: np.random.Generator) -> np.ndarray:
+    """A box-and-sphere brain like :func:`_head`'s, inside a dark skull gap and a bright
+    scalp, with noisy air: a head that was not skull-stripped (same 30x34x26 grid)."""
+    vol = np.zeros((30, 34, 26), np.float32)
+    vol[4:26, 4:30, 3:23] = 150.0  # scalp
+    vol[6:24, 6:28, 5:21] = 4.0  # skull and CSF
+    vol[8:22, 8:26, 7:19] = 60.0  # brain
+    vol[13:17, 15:19, 11:15] = 160.0
+    return vol + rng.normal(0, 3, vol.shape).astype(np.float32)
+
+
+def test_predict_sets_a_whole_head_aside_unless_allowed(prefect_server, model, volume,
+                                                        tmp_path, capsys):
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    nib.save(nib.Nifti1Image(volume, AFFINE), folder / "brain.nii.gz")
+    nib.save(nib.Nifti1Image(_whole_head(np.random.default_rng(3)), AFFINE),
+             folder / "head.nii.gz")
+    assert main(["predict", str(model), str(folder), "--out", str(tmp_path / "p.csv")]) == 0
+    assert "set aside: 1 (not_skull_stripped 1)" in capsys.readouterr().out
+    table = {r["participant_id"]: r for r in _rows(tmp_path / "p.csv")}
+    assert table["brain"]["status"] == "predicted"
+    head = table["head"]
+    assert head["status"] == "not_skull_stripped" and head["predicted_age"] == ""
+    assert "head.nii.gz: looks like a whole head" in head["reason"]
+    assert "skull-strip it first" in head["reason"] and "mri_synthstrip" in head["reason"]
+    quarantine = _rows(tmp_path / "p.quarantine.csv")
+    assert [q["category"] for q in quarantine] == ["not_skull_stripped"]
+    # the user's choice: proceed with the whole head (a cache of its own)
+    assert main(["predict", str(model), str(folder), "--out", str(tmp_path / "q.csv"),
+                 "--allow-whole-head"]) == 0
+    assert "predicted 2 of 2" in capsys.readouterr().out
+    assert {r["status"] for r in _rows(tmp_path / "q.csv")} == {"predicted"}

@@ -44,7 +44,7 @@ from rankcore.conformal import load_interval
 from rankcore.errors import InputError
 from rankcore.inference.bias_store import load_bias
 from rankcore.inference.model import check_preprocess, describe_config, predict_cascade
-from rankcore.report.predictions import check_table_path, predictions_table, write_table
+from rankcore.inference.table import check_table_path, predictions_table, write_table
 
 __all__ = ["MISMATCH_CATEGORY", "PredictionSummary", "check_prediction", "default_cache_dir",
            "predict_cohort"]
@@ -206,7 +206,8 @@ def predict_cohort(model_dir: str | Path, cohort: str | Path, out_file: str | Pa
                    spacing: float | None = None, shape: Any = None, workers: int = 1,
                    engine: str = "local", allow_outside_root: bool = False,
                    batch_size: int | None = None, device: str = "cpu",
-                   max_spacing_ratio: float = 2.0) -> PredictionSummary:
+                   max_spacing_ratio: float = 2.0,
+                   allow_whole_head: bool = False) -> PredictionSummary:
     """Predict the brain age of every valid subject of ``cohort`` (see the module docstring).
 
     Args:
@@ -227,6 +228,9 @@ def predict_cohort(model_dir: str | Path, cohort: str | Path, out_file: str | Pa
             workers, checked on the workers).
         max_spacing_ratio: set aside sources whose largest voxel side exceeds this times the
             model's spacing.
+        allow_whole_head: preprocess images that look like whole heads as they are (the
+            model's config with ``allow_whole_head``, so a cache of its own) instead of
+            setting them aside as ``not_skull_stripped``.
 
     Returns:
         A :class:`PredictionSummary`.
@@ -245,6 +249,8 @@ def predict_cohort(model_dir: str | Path, cohort: str | Path, out_file: str | Pa
         bias_file=bias_file, spacing=spacing, shape=shape,
         allow_outside_root=allow_outside_root, device=device,
         max_spacing_ratio=max_spacing_ratio, on_ray=engine == "ray")
+    if allow_whole_head and not config.allow_whole_head:
+        config = replace(config, allow_whole_head=True)
     for stray in out_file.parent.glob(f".{out_file.name}.*.tmp"):  # a killed earlier run's
         stray.unlink(missing_ok=True)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(out_file)

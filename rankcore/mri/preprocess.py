@@ -69,6 +69,7 @@ from rankcore.mri.resample import (
     sample_masked,
 )
 from rankcore.mri.types import PreprocessConfig, PreprocessedVolume
+from rankcore.mri.whole_head import head_evidence, not_skull_stripped
 
 __all__ = ["brain_mask", "describe", "preprocess_file", "preprocess_volume"]
 
@@ -261,11 +262,14 @@ def _preprocess(data: np.ndarray, affine: np.ndarray, config: PreprocessConfig, 
     small = np.ascontiguousarray(small, dtype=np.float32)
     values, stride = sample(small)  # ~32k voxels: threshold and feature statistics
     threshold, rule = foreground_threshold(values, float(values.min()), float(values.max()))
+    small_voxel = np.linalg.norm(small_affine[:3, :3], axis=0)
     try:
-        block = block_shape(np.linalg.norm(small_affine[:3, :3], axis=0), small.shape)
-        mask = mask_above(small, threshold, rule, block)
+        mask = mask_above(small, threshold, rule, block_shape(small_voxel, small.shape))
     except QuarantineError as e:
         raise QuarantineError(e.category, f"{source}: {e}") from None
+    evidence = head_evidence(small, mask, threshold, small_voxel)
+    if evidence.whole_head and not config.allow_whole_head:
+        raise not_skull_stripped(evidence, source)
     s = config.spacing
     shape = config.shape
     centre, box = _centre_and_box(mask)
@@ -305,6 +309,8 @@ def _preprocess(data: np.ndarray, affine: np.ndarray, config: PreprocessConfig, 
                         out=out[where].transpose(np.argsort(to_output)))
     how = ("skull-stripped: voxels above the constant background" if rule == "background"
            else f"not skull-stripped: voxels above Otsu threshold {threshold:.4g}")
+    if evidence.whole_head:  # only with config.allow_whole_head
+        actions.append(f"whole head kept as it is (allow_whole_head): {evidence.describe()}")
     tissue = None
     if config.tissue:  # bias correction, then the stored volume is z-scored again
         from rankcore.mri.tissue import tissue_of_output

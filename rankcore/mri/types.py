@@ -28,6 +28,7 @@ QUARANTINE_CATEGORIES = (
     "nonfinite",      # NaN or inf voxels
     "empty",          # constant image or no brain found
     "tissue_failed",  # tissue classification untrustworthy (not a skull-stripped T1 brain)
+    "not_skull_stripped",  # a whole head (scalp, skull) around the brain: strip it first
 )
 
 Split = Literal["train", "val", "test"]
@@ -109,6 +110,10 @@ class PreprocessConfig:
         register_mm: voxel size (mm) of the grids the affine registration runs on.
         tissue_prior_floor: weight in [0, 1) of a uniform prior mixed into the template's
             tissue priors (0: the template alone decides where each class may be).
+        allow_whole_head: process an image that looks like a whole head
+            (:mod:`rankcore.mri.whole_head`) as it is, instead of quarantining it
+            (`not_skull_stripped`). Only written into :meth:`to_dict` (and so the digest)
+            when true: caches and model cards made before it existed keep their digest.
     """
 
     spacing: float = 2.0
@@ -121,6 +126,7 @@ class PreprocessConfig:
     bias_shrink_mm: float = 6.0
     register_mm: float = 4.0
     tissue_prior_floor: float = 0.1
+    allow_whole_head: bool = False
 
     def __post_init__(self) -> None:
         if not (isinstance(self.spacing, int | float) and np.isfinite(self.spacing)
@@ -145,10 +151,15 @@ class PreprocessConfig:
         if not (isinstance(f, int | float) and 0.0 <= f < 1.0):
             raise InputError(f"`tissue_prior_floor` must be in [0, 1), got {f!r}")
         object.__setattr__(self, "tissue_prior_floor", float(f))
+        if not isinstance(self.allow_whole_head, bool):
+            raise InputError(f"`allow_whole_head` must be true or false, got "
+                             f"{self.allow_whole_head!r}")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["shape"] = list(self.shape)
+        if not self.allow_whole_head:
+            del d["allow_whole_head"]
         return d
 
     def digest(self) -> str:

@@ -11,9 +11,9 @@ Public API:
 :func:`evaluate_model` (torch, the model) is imported on first use.
 """
 
+from rankcore.inference.table import PREDICTION_COLUMNS, predictions_table, write_table
 from rankcore.report.metrics_table import METRIC_NAMES, build_metrics, metric_block
 from rankcore.report.plots import plot_gap_vs_age, plot_pred_vs_age, plot_site_boxes
-from rankcore.report.predictions import PREDICTION_COLUMNS, predictions_table, write_table
 from rankcore.report.render import Figure, render_html, render_markdown, report_blocks
 
 _LAZY = {"evaluate_model": "rankcore.report.evaluate", "Evaluation": "rankcore.report.evaluate"}

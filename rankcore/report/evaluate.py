@@ -6,7 +6,7 @@ old report or the new one, never half of one)::
     metrics.json            n, mae, rmse, pearson_r, srcc, r2, mean_bias, gap_age_corr, each
                             with a 95 % bootstrap interval; stage1; bias_corrected; per_site;
                             floor (simulated cohorts); provenance
-    predictions.csv         one row per evaluated subject (rankcore.report.predictions)
+    predictions.csv         one row per evaluated subject (rankcore.inference.table)
     bias.json               the validation-fitted correction (also stored in MODEL_DIR)
     pred_vs_age.png, gap_vs_age.png, site_gap.png, training_curves.png
     report.md, report.html  (the HTML embeds the figures: one self-contained file)
@@ -36,6 +36,7 @@ from rankcore.conformal import interval_coverage, load_interval
 from rankcore.errors import InputError
 from rankcore.inference.bias_store import BIAS_FILE, load_bias, save_bias
 from rankcore.inference.model import describe_config, model_preprocess, predict_cascade
+from rankcore.inference.table import predictions_table, write_table
 from rankcore.report._files import (
     CURVES_FILE,
     METRICS_FILE,
@@ -47,7 +48,6 @@ from rankcore.report._files import (
 from rankcore.report.floor import simulated_floor
 from rankcore.report.metrics_table import build_metrics
 from rankcore.report.plots import plot_gap_vs_age, plot_pred_vs_age, plot_site_boxes
-from rankcore.report.predictions import predictions_table, write_table
 from rankcore.report.qc import QC_FILE, QCSubject, render_qc
 from rankcore.report.render import Figure, render_html, render_markdown, report_blocks
 from rankcore.train.card_info import read_split_record

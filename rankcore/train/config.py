@@ -142,6 +142,10 @@ class TrainConfig:
         deterministic: on CUDA, ``torch.use_deterministic_algorithms`` (warn only) during
             training; on CPU runs are deterministic for a seed and a thread count anyway.
         eval_batch_size: batch size for validation and prediction (memory only).
+        bn_refresh: before each epoch's validation, recompute the batch-norm running
+            statistics from this many training subjects with the current weights
+            (:func:`rankcore.train.bn_refresh.refresh_batch_norm`); 0 keeps the running
+            averages of training.
         backbone: sizes of the network (:class:`rankcore.models.BackboneConfig`).
         cascade: stage-2 settings (:class:`rankcore.models.CascadeConfig`).
     """
@@ -177,6 +181,7 @@ class TrainConfig:
     channels_last: bool = False
     deterministic: bool = True
     eval_batch_size: int = 32
+    bn_refresh: int = 0
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
 
@@ -213,6 +218,7 @@ class TrainConfig:
         _choice(self.device, "device", DEVICES)
         if self.num_threads is not None:
             _int(self.num_threads, "num_threads", 1)
+        _int(self.bn_refresh, "bn_refresh", 0)
         _int(self.eval_batch_size, "eval_batch_size", 1)
         if not isinstance(self.backbone, BackboneConfig):
             raise InputError(f"`backbone` must be a BackboneConfig, got "

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from rankcore.errors import InputError, TrainingError
+from rankcore.train.bn_refresh import refresh_batch_norm
 from rankcore.train.checkpoint import (
     build_stage_model,
     latest_checkpoint,
@@ -335,6 +336,9 @@ def _run(stage, config, train, val, objective, device, out_dir, report, world, r
                 sums[k] = sums.get(k, 0.0) + float(v)
             sums["mae"] = sums.get("mae", 0.0) + float((pred.detach() - target).abs().mean())
         train_seconds = time.perf_counter() - t0
+        if config.bn_refresh:
+            refresh_batch_norm(model, train, device, config.bn_refresh,
+                               config.eval_batch_size, _epoch_seed(config.seed, epoch))
         metrics: dict[str, Any] = {"epoch": epoch, "lr": lr}
         metrics.update({f"train_{k}": v / n_steps for k, v in sums.items()})
         metrics.update(epoch_shares(metrics, objective))
