@@ -149,9 +149,7 @@ def _resolved_training(run_params: Any) -> str:
         return ""
     import yaml
 
-    from flows.train import train_config
-
-    text = yaml.safe_dump(train_config(train), sort_keys=True)
+    text = yaml.safe_dump(train.train_config(), sort_keys=True)
     return ("# resolved training configuration (library defaults included; any key can be set "
             "through `options`):\n" + "".join(f"#   {line}\n" for line in text.splitlines()))
 

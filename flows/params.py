@@ -8,7 +8,7 @@ JSON for Prefect deployments unchanged.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -218,6 +218,16 @@ class TrainParams(_Params):
         """``epochs`` and ``batch_size`` where given (the rest is the library's default)."""
         return {k: v for k, v in (("epochs", self.epochs), ("batch_size", self.batch_size))
                 if v is not None}
+
+    def train_config(self) -> dict[str, Any]:
+        """The stage-1 TrainConfig (as a dict) these parameters ask for, defaults included."""
+        from rankcore.train.cascade_plan import default_config
+
+        rank_loss = self.rank_loss or ("sorter" if self.sorter else "soft")
+        changes = dict(self.options)
+        changes.update(**self.sizing(), seed=self.seed, rank_loss=rank_loss,
+                       sorter=self.sorter)
+        return default_config(**changes).to_dict()
 
     @model_validator(mode="after")
     def _options_build_configs(self) -> TrainParams:
