@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from flows import _config, params
 from flows._options import LAYOUT
@@ -27,7 +28,7 @@ def _subparser(command: str) -> argparse.ArgumentParser:
 def _fields(model, prefix=""):
     for name, info in model.model_fields.items():
         section = info.annotation if isinstance(info.annotation, type) else None
-        if section is not None and issubclass(section, params.BaseModel):
+        if section is not None and issubclass(section, BaseModel):
             yield from _fields(section, f"{prefix}{name}.")
         else:
             yield prefix + name, info
