@@ -136,6 +136,24 @@ def _prepare_environment() -> None:
         os.environ.setdefault(key, value)
 
 
+def _resolved_training(run_params: Any) -> str:
+    """For `train` and `pipeline`: the full training configuration the parameters resolve to
+    (library defaults included), as YAML comments, so the printed text still reads back as a
+    config file. Empty for other commands."""
+    from flows.params import TrainParams
+
+    train = run_params if isinstance(run_params, TrainParams) else None
+    if train is None and hasattr(run_params, "train_params"):
+        train = run_params.train_params("CACHE", "MODEL")
+    if train is None:
+        return ""
+    import yaml
+
+    text = yaml.safe_dump(train.train_config(), sort_keys=True)
+    return ("# resolved training configuration (library defaults included; any key can be set "
+            "through `options`):\n" + "".join(f"#   {line}\n" for line in text.splitlines()))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `brainrank` console script; returns the exit code."""
     parser = build_parser()
@@ -152,6 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run_params = _config.build_params(model, given, getattr(args, "config", None))
         if args.print_config:
             print(_config.to_yaml(run_params), end="")
+            print(_resolved_training(run_params), end="")
             return 0
         _prepare_environment()
         _set_verbosity(args.verbose, args.quiet)

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from flows.params import _Params
+from flows.params_stages import _Params
 
 JobCommand = Literal["pipeline", "simulate", "ingest", "pretrain-sorter", "train", "evaluate",
                      "predict"]

@@ -13,7 +13,7 @@ from pydantic import (
     model_validator,
 )
 
-from flows.params import (
+from flows.params_stages import (
     ALLOW_OUTSIDE_ROOT,
     COHORT,
     GRID,

@@ -30,7 +30,7 @@ from flows._server import temporary_server
 from flows.params import TrainParams
 from rankcore._lock import run_lock
 from rankcore.errors import BrainrankError
-from rankcore.train.cascade_plan import CARD_FILE, default_config
+from rankcore.train.cascade_plan import CARD_FILE
 from tasks.train import (
     cache_complete_task,
     finish_training_task,
@@ -43,11 +43,7 @@ from tasks.train import (
 
 def train_config(params: TrainParams) -> dict[str, Any]:
     """The stage-1 TrainConfig (as a dict) that ``params`` ask for."""
-    rank_loss = params.rank_loss or ("sorter" if params.sorter else "soft")
-    changes = dict(params.options)
-    changes.update(**params.sizing(), seed=params.seed, rank_loss=rank_loss,
-                   sorter=params.sorter)
-    return default_config(**changes).to_dict()
+    return params.train_config()
 
 
 def preprocess_config(params: TrainParams) -> Any:

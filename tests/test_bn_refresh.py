@@ -73,3 +73,23 @@ def test_training_with_refresh_runs_and_is_recorded_in_the_config(tmp_path):
     assert all(np.isfinite(m["val_mae"]) for m in result.history)
     with pytest.raises(Exception, match="bn_refresh"):
         TrainConfig.from_dict({"bn_refresh": -1})
+
+
+def test_non_finite_refreshed_statistics_raise_and_keep_the_old_ones():
+    from rankcore.errors import TrainingError
+
+    data = synthetic_subjects(8, SHAPE, seed=5)
+    model = _model(data)
+    norm = model.backbone.feature_norm
+    before = norm.running_mean.clone()
+    real = data.batch
+
+    def poisoned(indices, device="cpu", model=None):
+        out = real(indices, device, model)
+        out["image"] = torch.full_like(out["image"], float("nan"))
+        return out
+
+    data.batch = poisoned
+    with pytest.raises(TrainingError, match="batch-norm statistics"):
+        refresh_batch_norm(model, data, torch.device("cpu"), 8, 4, 0)
+    assert torch.equal(norm.running_mean, before) and norm.momentum == 0.1

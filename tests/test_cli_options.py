@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from flows import _config, params
 from flows._options import LAYOUT
@@ -27,7 +28,7 @@ def _subparser(command: str) -> argparse.ArgumentParser:
 def _fields(model, prefix=""):
     for name, info in model.model_fields.items():
         section = info.annotation if isinstance(info.annotation, type) else None
-        if section is not None and issubclass(section, params.BaseModel):
+        if section is not None and issubclass(section, BaseModel):
             yield from _fields(section, f"{prefix}{name}.")
         else:
             yield prefix + name, info
@@ -69,15 +70,21 @@ def test_print_config_prints_the_resolved_configuration_and_runs_nothing(tmp_pat
                  "--train.options", "lr=3e-4", "--train.options", "backbone.growth=[8,16]",
                  "--train.val-fraction", "0.2", "--no-tissue", "--print-config"])
     assert code == 0
-    printed = yaml.safe_load(capsys.readouterr().out)
+    text = capsys.readouterr().out
+    printed = yaml.safe_load(text)
     assert not run.exists()  # nothing ran
+    resolved = yaml.safe_load("\n".join(line[4:] for line in text.splitlines()
+                                         if line.startswith("#   ")))
+    assert resolved["lr"] == 3e-4 and resolved["epochs"] == 2
+    assert resolved["bn_refresh"] == 64 and resolved["soft_method"] == "pairwise"
     train = printed["train"]
     assert (train["epochs"], train["gpu"], train["val_fraction"]) == (2, True, 0.2)
     assert train["options"] == {"lr": 3e-4, "backbone": {"growth": [8, 16]}}
     assert printed["evaluate"]["n_boot"] == 10 and printed["tissue"] is False
     assert printed["simulate"]["subjects"] == params.SimulateParams.model_fields[
         "subjects"].default
-    # what it prints is a --config file that gives the same parameters back
+    # what it prints (the resolved training config as comments) is a --config file that
+    # gives the same parameters back
     again = tmp_path / "again.yaml"
     again.write_text(yaml.safe_dump(printed))
     assert (_config.build_params(params.PipelineParams, {}, str(again))

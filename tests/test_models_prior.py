@@ -12,12 +12,13 @@ import torch.nn.functional as F
 from rankcore.errors import InputError, ShapeError
 from rankcore.models import AgeRegressor, BackboneConfig, CorrectionRegressor
 from rankcore.models.blocks import IntensityHistogram, LocalContrastNorm
+from rankcore.mri.tissue_names import POSE_FEATURES
 from rankcore.train.checkpoint import load_stage_model
 from rankcore.train.config import TrainConfig
 from rankcore.train.data import SubjectData
 from rankcore.train.loop import train_stage, with_training_sites
 from rankcore.train.predict import predict
-from rankcore.train.prior import fit_histogram_prior, ridge_gcv
+from rankcore.train.prior import PRIOR_IGNORES, fit_histogram_prior, fit_prior, ridge_gcv
 
 SHAPE = (20, 24, 20)
 
@@ -304,3 +305,28 @@ def test_prior_rows_follow_the_site_code_and_old_pooled_weights_load():
     for name, intercept in (("a", 10.0), ("b", 20.0)):
         torch.testing.assert_close(m2.prior(x, m2.site_codes([name])),
                                    torch.tensor([4.0 + intercept + 0.5]))
+
+
+def test_prior_gives_the_head_pose_features_zero_weight():
+    """The affine's entries (where the head lay in the scanner) never enter the prior: their
+    weights are 0 and changing them does not move its prediction; other features do count."""
+    rng = np.random.default_rng(4)
+    n = 40
+    ages = rng.uniform(20, 80, n)
+    pose = rng.normal(size=(n, len(POSE_FEATURES))) + ages[:, None] / 30  # age-correlated
+    signal = ages / 10 + rng.normal(scale=0.5, size=n)
+    names = ("gm_fraction", *POSE_FEATURES)
+    x = _brain(n, seed=4)[:, 0]
+    train = SubjectData.from_tensors(x, ages, features=np.c_[signal, pose],
+                                     feature_names=names)
+    cfg = BackboneConfig(input_pool=1, growth=(4,), hist_bins=0, features=names)
+    model = AgeRegressor(cfg)
+    model.set_age_scale(float(ages.mean()), float(ages.std()))
+    info = fit_prior(model, train, torch.device("cpu"))
+    assert info["ignored_features"] == list(POSE_FEATURES) == sorted(PRIOR_IGNORES)
+    w = model.prior_weight.numpy()
+    assert np.all(w[:, 1:] == 0) and np.all(w[:, 0] != 0)
+    moved = SubjectData.from_tensors(x, ages, features=np.c_[signal, pose * 5 + 3],
+                                     feature_names=names)
+    model.zero_residual()
+    np.testing.assert_allclose(predict(model, moved), predict(model, train), rtol=1e-6)

@@ -320,6 +320,23 @@ def test_aged_tissue_conserves_volume_and_follows_the_factors():
     assert old.csf_ml > young.csf_ml + 200
 
 
+def test_tissue_is_lost_at_its_border_with_csf_not_inside_every_voxel():
+    """An old brain keeps pure tissue far from CSF: atrophy shows as more CSF next to CSF,
+    not as every GM and WM voxel diluted (which a segmentation would read as darker tissue)."""
+    tpl = template_maps(SPACING)
+    young, old = ageing.age_tissue(tpl, 25.0), ageing.age_tissue(tpl, 85.0)
+    assert old.gm_ml / young.gm_ml == pytest.approx(float(ageing.gm_retained(85.0)), rel=0.02)
+    assert old.wm_ml / young.wm_ml == pytest.approx(float(ageing.wm_factor(85.0)), rel=0.03)
+    border = ageing._csf_border(tpl)
+    deep_wm = (tpl.wm > 0.9) & (border < np.percentile(border[tpl.wm > 0.9], 50))
+    assert np.median(old.wm[deep_wm] / young.wm[deep_wm]) > 0.97  # untouched
+    near = (tpl.gm > 0.3) & (border > np.percentile(border[tpl.gm > 0.3], 75))
+    far = (tpl.gm > 0.3) & (border < np.percentile(border[tpl.gm > 0.3], 25))
+    lost_near = 1 - old.gm[near].sum() / young.gm[near].sum()
+    lost_far = 1 - old.gm[far].sum() / young.gm[far].sum()
+    assert lost_near > 3 * lost_far
+
+
 def test_truth_volumes_follow_brain_age(ageing_cohort):
     rows = _valid_rows(ageing_cohort)
     b = [float(r["brain_age"]) for r in rows]

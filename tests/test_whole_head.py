@@ -84,3 +84,15 @@ def test_allow_whole_head_names_its_own_cache_and_leaves_old_digests_alone():
     assert PreprocessConfig(**{**allowed.to_dict(), "shape": (80, 96, 80)}) == allowed
     with pytest.raises(ValueError, match="`allow_whole_head` must be true or false"):
         PreprocessConfig(allow_whole_head="yes")
+
+
+def test_a_large_brain_with_no_shell_is_not_a_whole_head():
+    """A skull-stripped simulated brain of the study cohort enclosed 2811 ml (shell contrast
+    -0.64) and was quarantined by the first volume bound (2800 ml): volume alone decides only
+    well above any brain; a head's shell still decides below it."""
+    from rankcore.mri.whole_head import MAX_BRAIN_ML, HeadEvidence
+
+    assert not HeadEvidence(head_ml=2811.0, outside_ml=10.0, shell_contrast=-0.64).whole_head
+    assert HeadEvidence(head_ml=2644.0, outside_ml=900.0, shell_contrast=0.21).whole_head
+    assert HeadEvidence(head_ml=MAX_BRAIN_ML + 100, outside_ml=900.0,
+                        shell_contrast=0.0).whole_head

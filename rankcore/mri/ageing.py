@@ -5,9 +5,16 @@ Annual rates (% per year, piecewise linear in age between the knots below, as in
 (``TEMPLATE_AGE`` = 25 y) to the subject's brain age ``b``:
 
 - grey matter (GM) loss: 0 below 25, 0.2 %/y at 35, 0.5 %/y at 60, 0.8 %/y at 80; the lost
-  GM partial volume becomes CSF (cortical thinning seen at the voxel scale), frontal faster;
+  GM becomes CSF, frontal faster;
 - white matter (WM) change: an inverted U, growing until 30, flat 30-50, then -0.5 %/y at 70
   and -1 %/y at 80; lost WM becomes CSF;
+- where tissue is lost: at its border with CSF (cortical thinning from the pial side, sulcal
+  and periventricular widening), not evenly inside every voxel. A voxel loses the share
+  ``min(1, lam * weight * border)`` of its GM (or WM), where ``border`` is the template's CSF
+  content smoothed over ``BORDER_SIGMA_MM`` and ``lam`` is solved so that the volume matches.
+  Voxels far from CSF (deep white matter, the inside of thick grey matter) keep their pure
+  tissue at every age, as in real brains, so the loss is visible as more CSF, not as darker
+  tissue;
 - lateral ventricles: +1.5 %/y of volume before 50, 3 %/y at 70, 5 %/y at 80, times a
   per-subject multiplier. The ventricles grow (or shrink) by moving their wall outward along
   its normal by ``r`` mm (a smooth dilation of the signed distance map), ``r`` solved so that
@@ -21,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy import ndimage as ndi
 
 from rankcore.errors import InputError
 from rankcore.mri.mni import TEMPLATE_AGE, VENTRICLE_ROI_MARGIN_MM, TemplateMaps
@@ -30,6 +38,8 @@ GM_LOSS_KNOTS = ((25.0, 0.0), (35.0, 0.2), (60.0, 0.5), (80.0, 0.8), (100.0, 1.1
 #: (age, WM change in %/y): + growth before 30, flat 30-50, loss after.
 WM_CHANGE_KNOTS = ((20.0, 0.6), (30.0, 0.0), (50.0, 0.0), (70.0, -0.5), (80.0, -1.0),
                    (100.0, -2.0))
+#: Gaussian SD (mm) of the CSF content that says how close a voxel is to CSF (where tissue is lost).
+BORDER_SIGMA_MM = 1.5
 #: (age, lateral-ventricle growth in %/y).
 VENTRICLE_GROWTH_KNOTS = ((50.0, 1.5), (70.0, 3.0), (80.0, 5.0), (100.0, 9.0))
 
@@ -118,6 +128,37 @@ def _solve_shift(distance: np.ndarray, room: np.ndarray, spacing: float, target_
     return 0.5 * (lo + hi)
 
 
+def _csf_border(template: TemplateMaps) -> np.ndarray:
+    """Template CSF content smoothed over ``BORDER_SIGMA_MM`` (high next to CSF, ~0 deep)."""
+    sigma = BORDER_SIGMA_MM / template.spacing
+    return ndi.gaussian_filter(template.csf, sigma, truncate=3.0).astype(np.float32)
+
+
+def _lose_at_border(tissue: np.ndarray, weight: np.ndarray, lost: float) -> np.ndarray:
+    """``tissue * (1 - min(1, lam * weight))`` with ``lam`` solved so that ``lost`` of the
+    tissue's total volume (a fraction in [0, 1)) is removed; ``weight >= 0``."""
+    if lost <= 0.0:
+        return tissue.copy()
+    keep = tissue > 0
+    t, w = tissue[keep].astype(np.float64), weight[keep].astype(np.float64)
+    target = lost * float(t.sum())
+    removed = lambda lam: float((t * np.minimum(1.0, lam * w)).sum())  # noqa: E731
+    lo, hi = 0.0, 1.0
+    while removed(hi) < target and hi < 1e12:  # non-decreasing in lam; bracket it
+        lo, hi = hi, hi * 4.0
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        if removed(mid) < target:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-9 * hi:
+            break
+    out = tissue.copy()
+    out[keep] = (t * (1.0 - np.minimum(1.0, hi * w))).astype(np.float32)
+    return out
+
+
 def age_tissue(template: TemplateMaps, brain_age: float, ventricle_multiplier: float = 1.0,
                ) -> AgedTissue:
     """Tissue maps of a brain whose brain age is ``brain_age`` (years).
@@ -141,13 +182,16 @@ def age_tissue(template: TemplateMaps, brain_age: float, ventricle_multiplier: f
     v_tpl = np.minimum(_wall_ramp(template.ventricle_distance, 0.0, s),
                        np.minimum(csf[roi], template.ventricle_room))
 
-    # GM loss (frontal faster) and WM change, in the non-ventricular part of each voxel.
-    loss = np.float32(1.0 - float(gm_retained(brain_age)))
-    gm1 = gm * np.clip(1.0 - loss * template.gm_loss_weight, 0.0, 1.0)
+    # GM loss (frontal faster) and WM change, at the tissue's border with CSF.
+    border = _csf_border(template)
+    gm1 = _lose_at_border(gm, template.gm_loss_weight * border,
+                          1.0 - float(gm_retained(brain_age)))
     room = mask.copy()
     room[roi] -= v_tpl
-    wm1 = np.minimum(wm * np.float32(wm_factor(brain_age)), room - gm1)
-    wm1 = np.maximum(wm1, 0.0)
+    factor = float(wm_factor(brain_age))
+    wm1 = (wm * np.float32(factor) if factor >= 1.0
+           else _lose_at_border(wm, border, 1.0 - factor))
+    wm1 = np.maximum(np.minimum(wm1, room - gm1), 0.0)
 
     # Ventricles: grow the wall until the volume matches the target.
     target = float(v_tpl.sum()) * float(ventricle_factor(brain_age)) * ventricle_multiplier

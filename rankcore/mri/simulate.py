@@ -55,7 +55,7 @@ __all__ = ["TRUTH_RELPATH", "SimulationConfig", "SubjectParams", "irreducible_fl
 logger = logging.getLogger("rankcore.mri.simulate")
 
 #: Bumped whenever the simulator's output changes for the same config.
-SIMULATOR_VERSION = "2"
+SIMULATOR_VERSION = "3"
 TRUTH_RELPATH = Path("derivatives") / "simulation" / "truth.tsv"
 _STATE_RELPATH = Path("derivatives") / "simulation" / "simulation.json"
 

@@ -6,7 +6,7 @@ the template or SimpleITK.
 
 from __future__ import annotations
 
-__all__ = ["CLASSES", "REGIONS", "TISSUE_FEATURES"]
+__all__ = ["CLASSES", "POSE_FEATURES", "REGIONS", "TISSUE_FEATURES"]
 
 #: Tissue classes, in channel order (channels 1..3 of a cached subject).
 CLASSES = ("gm", "wm", "csf")
@@ -28,3 +28,7 @@ _AFFINE = (*(f"affine_{i}{j}" for i in range(3) for j in range(4)), "affine_scal
 #: subject-to-MNI affine (mm); ``affine_scale``: the cube root of its determinant;
 #: ``template_dice``: overlap of the aligned template brain with the subject's mask.
 TISSUE_FEATURES = _GLOBAL + _REGIONAL + _AFFINE
+#: The entries of the subject-to-MNI affine (rotation, shear, scale and translation in the
+#: scanner's coordinates): where the head lay and where the scanner put its origin, not
+#: anatomy. The closed-form prior leaves them out (``rankcore.train.prior``).
+POSE_FEATURES = _AFFINE[:12]

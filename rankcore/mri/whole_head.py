@@ -52,7 +52,7 @@ __all__ = [
 ]
 
 #: A foreground enclosing more than this (ml) is not a brain.
-MAX_BRAIN_ML = 2800.0
+MAX_BRAIN_ML = 3300.0
 #: A bright outer layer over a dark one, by more than this fraction of the interior.
 MAX_SHELL_CONTRAST = 0.15
 #: What to do about it (part of the quarantine message).

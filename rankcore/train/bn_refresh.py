@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rankcore.errors import TrainingError
 from rankcore.train.predict import forward_batch
 
 __all__ = ["refresh_batch_norm"]
@@ -40,6 +41,10 @@ def refresh_batch_norm(model: nn.Module, data, device: torch.device, subjects: i
 
     Returns:
         The number of subjects used (0 when the model has no batch norm or ``subjects`` is 0).
+
+    Raises:
+        TrainingError: the refreshed statistics are not finite (NaN or inf in the features of
+            the chosen subjects); the model keeps its earlier statistics.
     """
     norms = _batch_norms(model)
     n = min(int(subjects), len(data))
@@ -51,6 +56,8 @@ def refresh_batch_norm(model: nn.Module, data, device: torch.device, subjects: i
     if len(chunks) > 1 and len(chunks[-1]) == 1:
         chunks[-2] = np.concatenate([chunks[-2], chunks.pop()])
     momenta = [m.momentum for m in norms]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+             for m in norms]
     was_training = model.training
     try:
         for m in norms:
@@ -61,6 +68,15 @@ def refresh_batch_norm(model: nn.Module, data, device: torch.device, subjects: i
             for chunk in chunks:
                 batch = data.batch(chunk, device, model)
                 forward_batch(model, batch)
+        bad = [m for m in norms if not (torch.isfinite(m.running_mean).all()
+                                         and torch.isfinite(m.running_var).all())]
+        if bad:
+            for m, (mean, var, count) in zip(norms, saved):
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+            raise TrainingError(f"the batch-norm statistics recomputed from {n} training "
+                                "subjects are NaN or inf: check the training inputs")
     finally:
         for m, momentum in zip(norms, momenta):
             m.momentum = momentum

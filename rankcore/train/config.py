@@ -144,8 +144,8 @@ class TrainConfig:
         eval_batch_size: batch size for validation and prediction (memory only).
         bn_refresh: before each epoch's validation, recompute the batch-norm running
             statistics from this many training subjects with the current weights
-            (:func:`rankcore.train.bn_refresh.refresh_batch_norm`); 0 keeps the running
-            averages of training.
+            (:func:`rankcore.train.bn_refresh.refresh_batch_norm`; 64 by default); 0 keeps
+            the running averages of training.
         backbone: sizes of the network (:class:`rankcore.models.BackboneConfig`).
         cascade: stage-2 settings (:class:`rankcore.models.CascadeConfig`).
     """
@@ -181,7 +181,7 @@ class TrainConfig:
     channels_last: bool = False
     deterministic: bool = True
     eval_batch_size: int = 32
-    bn_refresh: int = 0
+    bn_refresh: int = 64
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     cascade: CascadeConfig = field(default_factory=CascadeConfig)
 

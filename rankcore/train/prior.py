@@ -7,7 +7,9 @@ With ``hist_bins > 0`` or tabular features (``BackboneConfig.features``) the sta
     age = age_mean + age_std · (prior(h, t, site) + head(CNN features, h, t, sex, site))
 
 where h is the standardised histogram, t the standardised tabular features (a missing value
-reads as the training mean) and ``prior`` a linear map of (h, t) per site, fitted here in
+reads as the training mean) and ``prior`` a linear map of (h, t) per site that gives the
+head-pose features (:data:`PRIOR_IGNORES`, the entries of the subject-to-template affine)
+a zero weight, fitted here in
 closed form on the training subjects before the first epoch (ridge regression, penalty chosen
 by generalised cross-validation; per site, a blend of the pooled model and the site's own,
 see :func:`fit_site_priors`). The head's last layer starts at zero, so training begins at the
@@ -31,15 +33,20 @@ from torch import nn
 
 from rankcore.errors import InputError
 from rankcore.models.backbone import AgeRegressor
+from rankcore.mri.tissue_names import POSE_FEATURES
 from rankcore.train.data import SubjectData
 
-__all__ = ["ALPHAS", "MIN_SITE_SUBJECTS", "fit_histogram_prior", "fit_prior", "fit_site_priors",
-           "ridge_gcv", "ridge_loo"]
+__all__ = ["ALPHAS", "MIN_SITE_SUBJECTS", "PRIOR_IGNORES", "fit_histogram_prior", "fit_prior",
+           "fit_site_priors", "ridge_gcv", "ridge_loo"]
 
 log = logging.getLogger("rankcore.train")
 
 #: Ridge penalties tried (features are standardised, so these are relative to n).
 ALPHAS = tuple(float(a) for a in np.logspace(-2, 4, 31))
+#: Tabular features the prior never reads (weight 0): the head's pose in the scanner
+#: (``rankcore.mri.tissue_names.POSE_FEATURES``): they carry no anatomy, only noise for the
+#: ridge to fit (the network's head still reads them).
+PRIOR_IGNORES = frozenset(POSE_FEATURES)
 #: Fewest training subjects of a site for it to get its own ridge (blended with the pooled one).
 MIN_SITE_SUBJECTS = 10
 
@@ -160,7 +167,8 @@ def fit_prior(model: nn.Module, data: SubjectData, device: torch.device,
     Returns:
         What was fitted, for the card: ``{}`` without histogram or tabular inputs, else the
         number of subjects, the inputs and, when fitted, the pooled ridge penalty, the pooled
-        prior's GCV RMSE in years and, per site, its subjects and blend weight.
+        prior's GCV RMSE in years, the features it gave a zero weight (``ignored_features``)
+        and, per site, its subjects and blend weight.
 
     Raises:
         InputError: NaN or inf voxels in a training image, or features named otherwise than
@@ -194,16 +202,22 @@ def fit_prior(model: nn.Module, data: SubjectData, device: torch.device,
         parts.append(backbone.standardise_features(feats, len(data), feats).cpu())
     info: dict[str, Any] = {"n": len(data), "histogram_bins": config.hist_bins,
                             "features": list(config.features)}
+    ignored = [f for f in config.features if f in PRIOR_IGNORES]
     if not isinstance(model, AgeRegressor) or not fit:
         return info
     x = torch.cat(parts, dim=1).numpy()
+    used = np.ones(x.shape[1], dtype=bool)
+    used[x.shape[1] - len(config.features):] = [f not in PRIOR_IGNORES for f in config.features]
     codes = model.site_codes(data.sites).double().numpy() if config.sites else None
     mean, std = float(model.age_mean), float(model.age_std)
     y = (np.asarray(data.ages, dtype=np.float64) - mean) / std
-    weights, biases, fitted = fit_site_priors(x, codes, y, per_site)
+    fitted_weights, biases, fitted = fit_site_priors(x[:, used], codes, y, per_site)
+    weights = np.zeros((fitted_weights.shape[0], x.shape[1]))
+    weights[:, used] = fitted_weights
     model.prior_weight.copy_(torch.from_numpy(weights).to(model.prior_weight))
     model.prior_bias.copy_(torch.from_numpy(biases).to(model.prior_bias))
-    info.update({"alpha": fitted["alpha"], "gcv_rmse_years": fitted["gcv_rmse"] * std})
+    info.update({"alpha": fitted["alpha"], "gcv_rmse_years": fitted["gcv_rmse"] * std,
+                 "ignored_features": ignored})
     if "sites" in fitted:
         info["sites"] = {name: entry for name, entry in zip(config.sites, fitted["sites"])}
     log.info("stage 1: prior fitted on %d subjects, %d histogram bins + %d features (ridge "
