@@ -1,7 +1,8 @@
 """How ingest and Ray training scale with the cohort: throughput and memory at 3 mm.
 
 Run: ``python benchmarks/bench_scale.py [--sizes 250 1000 4000] [--workdir DIR] [--epochs 1]``.
-Not a test: it prints one Markdown table. For each size N:
+Not a test: it prints one Markdown table at the end, and each measurement on stderr as it is
+taken. For each size N:
 
 * a simulated cohort of N subjects (``simulate_cohort``, 3 mm working grid; not timed here);
 * ingest into a fresh cache at 3 mm, (56, 64, 56), float16, with 1 and with 2 local worker
@@ -109,6 +110,10 @@ def _train(cache: Path, out: Path, workers: int, epochs: int) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+def _progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def run(sizes: list[int], workdir: Path, epochs: int) -> str:
     from rankcore.mri.simulate import simulate_cohort
 
@@ -118,9 +123,14 @@ def run(sizes: list[int], workdir: Path, epochs: int) -> str:
         cohort = simulate_cohort(workdir / f"cohort-{n}", n, seed=0, spacing=SPACING,
                                  workers=2)
         sim_s = time.perf_counter() - t0
-        ingest = {w: _ingest(cohort, workdir / f"cache-{n}-w{w}", w) for w in (1, 2)}
-        train = {w: _train(workdir / f"cache-{n}-w1", workdir / f"model-{n}-w{w}", w, epochs)
-                 for w in (1, 2)}
+        _progress(f"N={n}: simulated in {sim_s:.0f} s")
+        ingest, train = {}, {}
+        for w in (1, 2):  # each measurement is printed as it is taken: a stopped run keeps them
+            ingest[w] = _ingest(cohort, workdir / f"cache-{n}-w{w}", w)
+            _progress(f"N={n}: ingest with {w} worker(s): {ingest[w]:.2f} subjects/s")
+        for w in (1, 2):
+            train[w] = _train(workdir / f"cache-{n}-w1", workdir / f"model-{n}-w{w}", w, epochs)
+            _progress(f"N={n}: training with {w} Ray worker(s): {json.dumps(train[w])}")
         rows.append((n, sim_s, ingest, train))
         print(f"done N={n}: {json.dumps({'ingest': ingest, 'train': train})}", file=sys.stderr)
     lines = [f"3 mm, {SHAPE}, float16 cache; {os.cpu_count()} CPUs; training: default "

@@ -1,7 +1,9 @@
 """Flow `evaluate`: score a trained cascade on one split of a cache and write the report.
 
 Run it as `brainrank evaluate MODEL_DIR CACHE_DIR --out REPORT_DIR [--split S]` or
-`python -m flows.evaluate ...`. One task predicts the split (every subject once), fits the
+`python -m flows.evaluate ...`. One task predicts the split (every subject once; with
+`--engine ray` as `--workers` Ray tasks that read their own rows, on GPU workers with
+`--gpu`, the CUDA check on the workers), fits the
 bias correction on the model's validation subjects, and writes REPORT_DIR atomically
 (metrics.json, predictions.csv, bias.json, PNG plots, report.md, report.html). The flow
 publishes the report as a markdown artifact (``evaluation-report``) and the metrics as a
@@ -37,7 +39,8 @@ def evaluate_flow(params: EvaluateParams) -> dict:
     logger = get_run_logger()
     result = evaluate_task(params.model_dir, params.cache, params.out, params.split,
                            params.n_boot, params.seed, params.level, params.batch_size,
-                           _device(params), params.store_bias, params.allow_incomplete_cache)
+                           _device(params), params.store_bias, params.allow_incomplete_cache,
+                           params.engine, params.workers)
     m = result["metrics"]
     logger.info("evaluated %d subject(s) of split %r: SRCC %s, MAE %s y; report in %s",
                 m["n"], params.split, m.get("srcc"), m.get("mae"), result["out_dir"])
@@ -68,7 +71,8 @@ def run_cli(params: EvaluateParams) -> int:
         # Unusable input fails here, in one line, before a flow run (and its logs) starts.
         check_evaluation(params.model_dir, params.cache, params.out, split=params.split,
                          device=_device(params),
-                         allow_incomplete_cache=params.allow_incomplete_cache)
+                         allow_incomplete_cache=params.allow_incomplete_cache,
+                         engine=params.engine, workers=params.workers)
         with temporary_server():
             result = evaluate_flow(params)
     except BrainrankError as exc:

@@ -23,6 +23,7 @@ from flows.params_stages import (
     SimulateParams,
     TrainParams,
     _Params,
+    _posix_path,
 )
 
 # ------------------------------------------------------------------------------- pipeline
@@ -136,6 +137,8 @@ class PipelineParams(_Params):
     sorter: PipelineSorter = Field(default_factory=PipelineSorter)
     train: PipelineTrain = Field(default_factory=PipelineTrain)
     evaluate: PipelineEvaluate = Field(default_factory=PipelineEvaluate)
+
+    _paths = field_validator("out", "cohort")(_posix_path)
 
     @model_validator(mode="before")
     @classmethod

@@ -15,6 +15,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -22,6 +23,20 @@ from pydantic import (
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _posix_path(value: str | None, info: ValidationInfo) -> str | None:
+    """A folder or file on a POSIX file system: a path as given, a file:// URI as its path;
+    any other URI is refused with why (rankcore.locations.local_path)."""
+    from rankcore.errors import InputError
+    from rankcore.locations import local_path
+
+    if value is None:
+        return None
+    try:
+        return str(local_path(value, info.field_name))
+    except InputError as exc:
+        raise ValueError(str(exc)) from None
 
 
 #: Descriptions shared by several models (one vocabulary: each means the same everywhere).
@@ -54,6 +69,8 @@ class SimulateParams(_Params):
     warp_sd_mm: float = Field(2.5, ge=0, le=4,
                               description="RMS displacement of the anatomical warp, mm")
 
+    _paths = field_validator("out_dir")(_posix_path)
+
 
 class IngestParams(_Params):
     """`brainrank ingest`: validate, preprocess and cache a cohort.
@@ -83,6 +100,8 @@ class IngestParams(_Params):
     batch_size: int | None = Field(
         None, ge=1, description="subjects per batch (= per shard, = per retry); default: up to "
                                 "64, fewer so that each worker gets a batch")
+
+    _paths = field_validator("cohort", "cache")(_posix_path)
 
     @field_validator("shape")
     @classmethod
@@ -126,6 +145,8 @@ class PretrainSorterParams(_Params):
                             "one worker and no Ray address (auto)")
     fail_at_step: int | None = Field(None, ge=1, description="test hook: one worker fails once "
                                                              "after this step")
+
+    _paths = field_validator("out")(_posix_path)  # the sorter file; storage_path takes URIs
 
 
 class TrainParams(_Params):
@@ -187,6 +208,8 @@ class TrainParams(_Params):
     stage2_options: dict = Field(default_factory=dict,
                                  description="TrainConfig keys that differ for stage 2")
     allow_incomplete_cache: bool = Field(False, description=INCOMPLETE)
+
+    _paths = field_validator("cache", "out")(_posix_path)
 
     @field_validator("sorter")
     @classmethod
@@ -263,11 +286,26 @@ class EvaluateParams(_Params):
     seed: int = Field(0, ge=0, description="bootstrap seed")
     level: float = Field(0.95, gt=0, lt=1, description="level of the bootstrap intervals")
     batch_size: int | None = Field(None, ge=1, description="volumes per prediction batch")
-    gpu: bool = Field(False, description="predict on CUDA")
+    gpu: bool = Field(False, description="predict on CUDA (engine ray: on GPU workers, CUDA "
+                                         "checked there, so a CPU head can drive them)")
     store_bias: bool = Field(True, description="store the validation-fitted bias correction "
                                                "in MODEL_DIR/bias.json (for `brainrank predict "
                                                "--bias-correct`)")
     allow_incomplete_cache: bool = Field(False, description=INCOMPLETE)
+    engine: Literal["local", "ray"] = Field(
+        "local", description="predict in this process, or as Ray tasks that read their own "
+                             "rows from the cache")
+    workers: int = Field(1, ge=1, le=256, description="Ray tasks at a time (engine ray; 1 "
+                                                      "with engine local)")
+
+    _paths = field_validator("model_dir", "cache", "out")(_posix_path)
+
+    @model_validator(mode="after")
+    def _workers_need_ray(self) -> EvaluateParams:
+        if self.engine == "local" and self.workers != 1:
+            raise ValueError(f"`workers` must be 1 with engine 'local' (it predicts in this "
+                             f"process; --engine ray runs N workers), got {self.workers}")
+        return self
 
 
 class CardParams(_Params):
@@ -314,6 +352,8 @@ class PredictParams(_Params):
         False, description="predict images that look like whole heads (not skull-stripped) "
                            "instead of setting them aside as not_skull_stripped (a model "
                            "trained with it does so anyway)")
+
+    _paths = field_validator("model_dir", "cohort", "out", "cache", "bias_file")(_posix_path)
 
     @field_validator("shape")
     @classmethod

@@ -234,8 +234,9 @@ def _evaluate(run: _Run, training_key: str, data: dict[str, Any]) -> dict[str, A
     run.begin("evaluate")
     p, report = run.params, run.layout.report
     ep = p.evaluate_params(str(run.layout.model), str(run.layout.cache), str(report))
+    # Where the forward passes run (engine, workers, GPU, batch) does not change the report.
     key = digest("evaluate", ep.model_dump(exclude={"model_dir", "cache", "out", "gpu",
-                                                    "batch_size"}),
+                                                    "batch_size", "engine", "workers"}),
                  training_key, data["data_digest"])
     rec = run.state.matches("evaluate", key)
     try:

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from rankcore.errors import LockError
+from rankcore.locations import local_path
 
 __all__ = ["lock_path", "read_holder", "run_lock"]
 
@@ -33,9 +34,13 @@ _held: dict[str, tuple[int, int]] = {}  # lock path -> (fd, depth), for re-entra
 _guard = threading.Lock()
 
 
-def lock_path(target: str | os.PathLike[str]) -> Path:
-    """The lock file of the output path ``target`` (``target.parent/.target.name.lock``)."""
-    p = Path(target).expanduser().absolute()
+def lock_path(target: str | os.PathLike[str], what: str = "out") -> Path:
+    """The lock file of the output path ``target`` (``target.parent/.target.name.lock``).
+
+    Raises:
+        InputError: ``target`` is an object-store URI (:func:`rankcore.locations.local_path`).
+    """
+    p = local_path(target, what).expanduser().absolute()
     return p.parent / f".{p.name}.lock"
 
 
@@ -89,7 +94,7 @@ def run_lock(target: str | os.PathLike[str], what: str = "out") -> Iterator[Path
         LockError: another live process holds the lock (the message names its pid, host and
             start time). A lock left by a dead process is taken over silently.
     """
-    path = lock_path(target)
+    path = lock_path(target, what)
     key = str(path)
     with _guard:
         if key in _held:

@@ -150,6 +150,8 @@ def test_rayjob_entrypoint_exists_and_its_parameters_validate():
     params = PipelineParams.model_validate_json(env[job_entry.PARAMS_ENV])
     assert params.train.engine == "ray" and params.train.gpu
     assert params.train.batch_size % params.train.workers == 0
+    # the evaluation's forward passes run on GPU workers, not in the CPU head's driver
+    assert params.evaluate.engine == "ray" and params.evaluate.gpu
     spec = job["spec"]["rayClusterSpec"]
     assert spec["rayVersion"] == "2.60.0"
     assert spec["headGroupSpec"]["rayStartParams"]["num-gpus"] == "0"  # a CPU head
@@ -172,6 +174,7 @@ def test_shipped_configs_validate():
     assert demo.cohort is None and demo.simulate.corrupt > 0
     full = PipelineParams.model_validate(_yaml("configs/full.yaml"))
     assert full.cohort and full.train.gpu and full.train.engine == "ray"
+    assert full.evaluate.gpu and full.evaluate.engine == "ray"
     assert full.train.batch_size % full.train.workers == 0
 
 

@@ -1,8 +1,8 @@
 """`brainrank evaluate` and `brainrank predict` through the real flows and a real Prefect server.
 
-One tiny cascade (1 epoch, a 2-block backbone) is trained once per module on a simulated
-cohort of 12 subjects (+1 broken file) cached at 6 mm on a (16, 20, 16) grid; the splits
-come from a manifest: 6 train, 2 val, 4 test.
+One tiny cascade (1 epoch, a 2-block backbone) is trained once per module (given file:// URIs)
+on a simulated cohort of 12 subjects (+1 broken file) cached at 6 mm on a (16, 20, 16) grid;
+the splits come from a manifest: 6 train, 2 val, 4 test.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def trained(tmp_path_factory) -> dict[str, Path]:
     cache = base / "cache"
     ingest_cohort(read_cohort(root / "manifest.csv"), cache, PREPROCESS)
     model = base / "model"
-    train_cascade(cache, model, TINY, k_folds=2)
+    train_cascade(cache.as_uri(), model.as_uri(), TINY, k_folds=2)  # file:// URIs are paths
     return {"base": base, "root": root, "cache": cache, "model": model}
 
 
@@ -252,3 +252,27 @@ def test_evaluate_on_other_data_fits_on_the_training_validation_subjects(trained
                         store_bias=False)
     assert ev.metrics["bias_corrected"]["available"] is False
     assert not (model / "bias.json").exists()
+
+
+def test_file_uris_reach_train_evaluate_and_predict_as_paths(trained, evaluated, tmp_path,
+                                                             capsys):
+    """The module's model was trained from file:// URIs; evaluate and predict take them too
+    (percent-escapes decoded), and every folder they record is the plain path."""
+    card = json.loads((trained["model"] / "card.json").read_text())
+    assert card["data"]["cache_dir"] == str(trained["cache"])
+    report = tmp_path / "my report"
+    assert main(["evaluate", trained["model"].as_uri(), trained["cache"].as_uri(), "--out",
+                 report.as_uri(), "--n-boot", "200", "--no-store-bias"]) == 0, \
+        capsys.readouterr().err
+    metrics = json.loads((report / "metrics.json").read_text())
+    want = evaluated["result"]["metrics"]
+    assert (metrics["n"], metrics["mae"], metrics["srcc"]) == (want["n"], want["mae"],
+                                                               want["srcc"])
+    assert metrics["cache_dir"] == str(trained["cache"].resolve())
+    assert metrics["model_dir"] == str(trained["model"].resolve())
+    preds = tmp_path / "my preds.csv"
+    assert main(["predict", trained["model"].as_uri(), trained["root"].as_uri(), "--out",
+                 preds.as_uri()]) == 0, capsys.readouterr().err
+    rows = [r for r in _rows(preds) if r["status"] == "predicted"]
+    assert len(rows) == 12 and (tmp_path / "my preds.cache").is_dir()
+    assert not [p for p in tmp_path.rglob("*") if "file:" in str(p) or "%20" in str(p)]

@@ -37,6 +37,7 @@ import pyarrow.parquet as pq
 
 from rankcore._sealed import CHECKSUM_KEY, parse_sealed, seal
 from rankcore.errors import InputError
+from rankcore.locations import local_path
 from rankcore.mri.types import PreprocessConfig
 
 MANIFEST_FORMAT = 3
@@ -57,7 +58,7 @@ class CacheLayout:
 
     @classmethod
     def for_config(cls, cache_dir: str | Path, config: PreprocessConfig) -> CacheLayout:
-        return cls(Path(cache_dir), config.digest())
+        return cls(local_path(cache_dir, "cache_dir"), config.digest())
 
     @property
     def folder(self) -> Path:
@@ -89,7 +90,7 @@ def find_layout(cache_dir: str | Path, config: PreprocessConfig | None = None) -
     Raises:
         InputError: no cache there, or several configs and none chosen.
     """
-    root = Path(cache_dir)
+    root = local_path(cache_dir, "cache_dir")
     if config is not None:
         layout = CacheLayout.for_config(root, config)
         if not layout.manifest_path.is_file():
@@ -127,7 +128,7 @@ def choose_config(cache_dir: str | Path, spacing: float | None = None,
     """
     if spacing is None and shape is None and tissue is None:
         return None
-    root = Path(cache_dir)
+    root = local_path(cache_dir, "cache_dir")
     wanted = {k: v for k, v in (("spacing", spacing), ("tissue", tissue),
                                 ("shape", None if shape is None else tuple(shape)))
               if v is not None}

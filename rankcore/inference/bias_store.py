@@ -17,6 +17,7 @@ from rankcore._io import atomic_write
 from rankcore._sealed import CHECKSUM_KEY, read_sealed, seal
 from rankcore.bias import BiasCorrection
 from rankcore.errors import InputError
+from rankcore.locations import local_path
 
 __all__ = ["BIAS_FILE", "load_bias", "save_bias"]
 
@@ -50,7 +51,7 @@ def load_bias(path: str | Path, card: Mapping[str, Any]) -> BiasCorrection:
             file changed since it was written (CorruptFileError), or a correction fitted for
             another model.
     """
-    path = Path(path)
+    path = local_path(path, "bias_file")
     file = path / BIAS_FILE if path.is_dir() else path
     if not file.is_file():
         raise InputError(f"no stored bias correction at {str(file)!r}: run `brainrank evaluate "

@@ -43,8 +43,10 @@ import pyarrow.parquet as pq
 from rankcore.conformal import load_interval
 from rankcore.errors import InputError
 from rankcore.inference.bias_store import load_bias
+from rankcore.inference.engine import CascadeRunner, ray_running
 from rankcore.inference.model import check_preprocess, describe_config, predict_cascade
 from rankcore.inference.table import check_table_path, predictions_table, write_table
+from rankcore.locations import local_path
 
 __all__ = ["MISMATCH_CATEGORY", "PredictionSummary", "check_prediction", "default_cache_dir",
            "predict_cohort"]
@@ -102,6 +104,16 @@ def default_cache_dir(out_file: str | Path) -> Path:
 
 def _quarantine_path(out_file: Path) -> Path:
     return out_file.with_name(f"{out_file.stem}.quarantine.csv")
+
+
+def _locations(model_dir: str | Path, cohort: str | Path, out_file: str | Path,
+               cache_dir: str | Path | None, bias_file: str | Path | None) -> tuple:
+    """The five locations as paths (``file://`` URIs accepted, other URIs refused), before
+    anything is read or written."""
+    return (local_path(model_dir, "model_dir"), local_path(cohort, "cohort"),
+            local_path(out_file, "out"),
+            None if cache_dir is None else local_path(cache_dir, "cache"),
+            None if bias_file is None else local_path(bias_file, "bias_file"))
 
 
 def _check_method(method: str) -> str:
@@ -193,7 +205,9 @@ def check_prediction(model_dir: str | Path, cohort: str | Path, out_file: str | 
     Raises:
         InputError, CheckpointError: as :func:`predict_cohort` (before its ingest step).
     """
-    parsed = _prepare(model_dir, cohort, Path(out_file), bias_correct=bias_correct,
+    model_dir, cohort, out_file, _, bias_file = _locations(model_dir, cohort, out_file, None,
+                                                           bias_file)
+    parsed = _prepare(model_dir, cohort, out_file, bias_correct=bias_correct,
                       bias_method=bias_method, bias_file=bias_file, spacing=spacing,
                       shape=shape, allow_outside_root=allow_outside_root, device=device,
                       max_spacing_ratio=max_spacing_ratio, on_ray=engine == "ray")[4]
@@ -232,18 +246,25 @@ def predict_cohort(model_dir: str | Path, cohort: str | Path, out_file: str | Pa
             model's config with ``allow_whole_head``, so a cache of its own) instead of
             setting them aside as ``not_skull_stripped``.
 
+    ``model_dir``, ``cohort``, ``out_file``, ``cache_dir`` and ``bias_file`` are paths or
+    ``file://`` URIs on a POSIX file system; any other URI is refused
+    (:func:`rankcore.locations.local_path`). Engine ray needs the cache at a path every node
+    sees.
+
     Returns:
         A :class:`PredictionSummary`.
 
     Raises:
-        InputError: unusable arguments, a model/cohort mismatch, no stored correction when one
-            is asked for, an unreadable cohort table, or no subject left to predict.
+        InputError: unusable arguments (an object-store URI included), a model/cohort
+            mismatch, no stored correction when one is asked for, an unreadable cohort table,
+            or no subject left to predict.
         CheckpointError: an unreadable model folder.
     """
     from rankcore.cache import VolumeDataset, ingest_cohort, open_cache
     from rankcore.train.data import SubjectData
 
-    out_file = Path(out_file)
+    model_dir, cohort, out_file, cache_dir, bias_file = _locations(
+        model_dir, cohort, out_file, cache_dir, bias_file)
     cascade, card, config, correction, parsed = _prepare(
         model_dir, cohort, out_file, bias_correct=bias_correct, bias_method=bias_method,
         bias_file=bias_file, spacing=spacing, shape=shape,
@@ -253,7 +274,7 @@ def predict_cohort(model_dir: str | Path, cohort: str | Path, out_file: str | Pa
         config = replace(config, allow_whole_head=True)
     for stray in out_file.parent.glob(f".{out_file.name}.*.tmp"):  # a killed earlier run's
         stray.unlink(missing_ok=True)
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir(out_file)
+    cache = cache_dir if cache_dir is not None else default_cache_dir(out_file)
     log.info("predicting %d subject-session(s) of %s with %s; preprocessing (%s) into %s",
              len(parsed.rows), cohort, model_dir, describe_config(config), cache)
     from rankcore.progress import progress_bar
@@ -304,8 +325,11 @@ def predict_cohort(model_dir: str | Path, cohort: str | Path, out_file: str | Pa
     table = view.table
     ages = np.asarray(table.column("age").to_numpy(zero_copy_only=False), dtype=np.float64)[rows]
     if engine == "ray":
-        stage1, final = _predict_on_ray(model_dir, cache, config, [view.keys[i] for i in rows],
-                                        workers=workers, device=device, batch_size=batch_size)
+        runner = CascadeRunner(model_dir.absolute(), card, cascade,
+                               "ray", workers, device, batch_size)
+        with ray_running("ray", workers):
+            stage1, final = runner.ages_of_keys(cache, [view.keys[i] for i in rows],
+                                                config.to_dict())
     else:
         data = SubjectData.from_dataset(VolumeDataset(cache, config), preload=False).subset(rows)
         stage1, final = predict_cascade(cascade, card, data, batch_size=batch_size)
@@ -329,25 +353,3 @@ def predict_cohort(model_dir: str | Path, cohort: str | Path, out_file: str | Pa
         bias_corrected=bias_correct, bias_method=bias_method if bias_correct else None,
         preprocess=config.to_dict(), seconds_ingest=ingest.seconds, warnings=tuple(warnings))
 
-
-def _predict_on_ray(model_dir: str | Path, cache: Path, config: Any, keys: list[str], *,
-                    workers: int, device: str, batch_size: int | None
-                    ) -> tuple[np.ndarray, np.ndarray]:
-    """Stage-1 and final ages of ``keys`` as Ray tasks reading the cache themselves."""
-    from rankcore.cache.engines import ensure_ray
-    from rankcore.train.cache_split import CacheSplit
-    from rankcore.train.ray_predict import predict_ray
-
-    split = CacheSplit(str(cache), preload=False, keys=tuple(keys),
-                       preprocess=config.to_dict())
-    started = ensure_ray(num_cpus=max(workers, 1))
-    try:
-        stage1, final = predict_ray([Path(model_dir) / "stage1", Path(model_dir) / "stage2"],
-                                    split, workers=workers, use_gpu=device == "cuda",
-                                    batch_size=batch_size)
-    finally:
-        if started:
-            import ray
-
-            ray.shutdown()
-    return stage1, final

@@ -45,6 +45,7 @@ import os
 from pathlib import Path
 
 from rankcore.errors import InputError
+from rankcore.locations import local_path
 from rankcore.mri.tables import Table, parse_age, parse_sex, parse_split, read_table
 from rankcore.mri.types import Cohort, CohortRow, QuarantineEntry
 
@@ -361,7 +362,7 @@ def read_cohort(path: str | Path, *, allow_outside_root: bool = False,
             table is unreadable / lacks required columns / has a row without participant_id
             or a split other than train, val, test. The message names the file.
     """
-    p = Path(path).absolute()
+    p = local_path(path, "cohort").absolute()
     if p.is_dir():
         if not (p / "participants.tsv").is_file() and not _bids_images(p):
             images = [f for f in p.iterdir() if f.is_file() and _is_image(f)]

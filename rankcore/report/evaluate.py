@@ -16,6 +16,11 @@ here with the same code as the evaluated split; it never sees the evaluated subj
 the user evaluates the validation split itself (reported as in-sample). When the validation
 subjects are not available (another cohort's cache and no training cache), the correction
 stored in MODEL_DIR/bias.json by an earlier evaluation is used, else none is reported.
+
+Both predictions (the evaluated split, the validation subjects) run where ``engine`` says
+(:mod:`rankcore.inference.engine`): in this process, or as Ray tasks on the workers that read
+their own rows from the cache (this process then reads no volume for them; the QC page reads
+the volumes of the subjects it draws, one at a time).
 """
 
 from __future__ import annotations
@@ -35,8 +40,15 @@ from rankcore.bias import BiasCorrection, fit_bias_correction
 from rankcore.conformal import interval_coverage, load_interval
 from rankcore.errors import InputError
 from rankcore.inference.bias_store import BIAS_FILE, load_bias, save_bias
-from rankcore.inference.model import describe_config, model_preprocess, predict_cascade
+from rankcore.inference.engine import (
+    CascadeRunner,
+    check_engine_workers,
+    load_runner,
+    ray_running,
+)
+from rankcore.inference.model import describe_config, model_preprocess
 from rankcore.inference.table import predictions_table, write_table
+from rankcore.locations import local_path
 from rankcore.report._files import (
     CURVES_FILE,
     METRICS_FILE,
@@ -44,6 +56,13 @@ from rankcore.report._files import (
     json_safe,
     prepare_out_dir,
     swap_in,
+)
+from rankcore.report.eval_inputs import (
+    ALL_SPLITS,
+    data_digest,
+    open_model_cache,
+    read_subjects,
+    split_rows,
 )
 from rankcore.report.floor import simulated_floor
 from rankcore.report.metrics_table import build_metrics
@@ -55,9 +74,6 @@ from rankcore.train.card_info import read_split_record
 __all__ = ["ALL_SPLITS", "Evaluation", "check_evaluation", "evaluate_model"]
 
 log = logging.getLogger("rankcore.report")
-
-#: ``split`` value that evaluates every row of the cache.
-ALL_SPLITS = "all"
 
 
 @dataclass(frozen=True)
@@ -79,56 +95,9 @@ class Evaluation:
     warnings: tuple[str, ...] = field(default_factory=tuple)
 
 
-def _open_model_cache(cache_dir: str | Path, config: Any) -> Any:
-    """The cache view of the model's preprocessing config, or a mismatch error."""
-    from rankcore.cache import open_cache
-    from rankcore.cache.layout import CacheLayout, read_config
-
-    if CacheLayout.for_config(Path(cache_dir), config).manifest_path.is_file():
-        return open_cache(cache_dir, config)  # the model's config is there: its own errors
-    try:
-        return open_cache(cache_dir, config)
-    except InputError:
-        found = []
-        for manifest in sorted(Path(cache_dir).glob("*/manifest.json")):
-            try:
-                found.append(describe_config(read_config(CacheLayout(Path(cache_dir),
-                                                                     manifest.parent.name))))
-            except InputError:
-                continue
-        if not found:
-            raise
-        raise InputError(f"model/cohort mismatch: the model was trained on volumes at "
-                         f"{describe_config(config)}, but cache {str(cache_dir)!r} holds "
-                         f"{'; '.join(found)}: run `brainrank ingest COHORT --cache "
-                         f"{cache_dir} --spacing {config.spacing:g} --shape "
-                         f"{' '.join(map(str, config.shape))}` first") from None
-
-
-def _data_digest(view: Any) -> str:
-    from rankcore.train.split import DIGEST_COLUMNS, cache_data_digest
-
-    columns = {c: view.table.column(c).to_pylist() for c in DIGEST_COLUMNS}
-    return cache_data_digest(view.layout.digest, columns)
-
-
-def _subjects(cache_dir: str | Path, config: Any) -> Any:
-    """All rows of the model's cache as a lazily read SubjectData (volumes read per batch)."""
-    from rankcore.cache import VolumeDataset
-    from rankcore.train.data import SubjectData
-
-    ds = VolumeDataset(cache_dir, config)
-    data = SubjectData.from_dataset(ds, preload=False)
-    # The dataset's ages are float32 (training tensors); reports keep the table's float64.
-    data.ages = np.asarray(ds.view.table.column("age").to_numpy(zero_copy_only=False),
-                           dtype=np.float64)
-    return data
-
-
-def _validation_correction(cascade: Any, card: dict[str, Any], model_dir: Path,
-                           cache_dir: str | Path, view: Any, data: Any, config: Any,
-                           batch_size: int | None) -> tuple[BiasCorrection | None, str,
-                                                             tuple[str, ...]]:
+def _validation_correction(runner: CascadeRunner, model_dir: Path, cache_dir: str | Path,
+                           view: Any, data: Any, config: Any
+                           ) -> tuple[BiasCorrection | None, str, tuple[str, ...]]:
     """Fit the correction on the card's validation subjects (or load the stored one).
 
     The validation subjects are looked up only in a cache holding exactly the training data
@@ -140,6 +109,7 @@ def _validation_correction(cascade: Any, card: dict[str, Any], model_dir: Path,
     """
     from rankcore.cache import open_cache
 
+    card = runner.card
     val_keys = tuple(read_split_record(model_dir, card).get("val", ()))
     digest = card.get("data", {}).get("digest")
     candidates = [(str(cache_dir), view, data)]
@@ -150,16 +120,16 @@ def _validation_correction(cascade: Any, card: dict[str, Any], model_dir: Path,
         for where, v, subjects in candidates:
             try:
                 v = v if v is not None else open_cache(where, config)
-                if _data_digest(v) != digest:
+                if data_digest(v) != digest:
                     continue
-                subjects = subjects if subjects is not None else _subjects(where, config)
+                subjects = subjects if subjects is not None else read_subjects(where, config)
             except InputError:
                 continue
             position = {k: i for i, k in enumerate(subjects.participant_ids)}
             if not all(k in position for k in val_keys):
                 continue
             val = subjects.subset([position[k] for k in val_keys])
-            _, final = predict_cascade(cascade, card, val, batch_size=batch_size)
+            _, final = runner.ages(where, val, config.to_dict())
             try:
                 correction = fit_bias_correction(final, val.ages, fitted_on="val")
             except InputError:
@@ -192,85 +162,73 @@ def _write_qc(tmp: Path, view: Any, rows: np.ndarray, ages: np.ndarray, final: n
               title=f"QC of {model_dir.name} on split {split}")
 
 
-def _split_rows(view: Any, card: dict[str, Any], split: str, cache_dir: str) -> np.ndarray:
-    """Rows of ``split``: its label, or the test split the model's training held out by hash."""
-    from rankcore.train.split import HELD_OUT, held_out_test_rows
-
-    labels = view.table.column("split").to_pylist()
-    test = card.get("split", {}).get("test", {})
-    if split == ALL_SPLITS:
-        rows = np.arange(len(view))
-    elif split in view.splits:
-        rows = np.flatnonzero(np.asarray([s == split for s in labels]))
-    elif split == "test" and test.get("source") == HELD_OUT:
-        ages = view.table.column("age").to_numpy(zero_copy_only=False).astype(np.float64)
-        rows = np.flatnonzero(held_out_test_rows(
-            view.table.column("participant_id").to_pylist(), ages, labels,
-            float(test["fraction"]), int(test["seed"])))
-    else:
-        why = ("" if split != "test" else ": the model holds out no test split of its own "
-               "(trained with --test-fraction 0, or by an older brainrank); retrain with "
-               "`brainrank train CACHE_DIR --out MODEL_DIR` (it holds out 20 % by default), "
-               "label a test split in the cohort's `split` column, or pass --split all to "
-               "score every cached subject (in-sample for the training subjects)")
-        raise InputError(f"`split` must be one of {[*view.splits, ALL_SPLITS]} for cache "
-                         f"{cache_dir!r}, got {split!r}{why}")
-    if len(rows) == 0:
-        raise InputError(f"cache {cache_dir!r} has no subjects in split {split!r}")
-    return rows
-
-
-def _setup(model_dir: Path, cache_dir: str | Path, out_dir: Path, split: str,
-           device: str, allow_incomplete_cache: bool = False
-           ) -> tuple[Any, dict[str, Any], Any, Any, np.ndarray, str | None]:
-    """Load and check everything: (cascade, card, config, cache view, rows to evaluate,
-    incomplete-cache warning or None)."""
+def _setup(model_dir: Path, cache_dir: Path, out_dir: Path, split: str, device: str,
+           allow_incomplete_cache: bool, engine: str, workers: int, batch_size: int | None
+           ) -> tuple[CascadeRunner, Any, Any, np.ndarray, str | None]:
+    """Load and check everything: (runner, config, cache view, rows to evaluate,
+    incomplete-cache warning or None). Engine ray checks CUDA on the workers, not here."""
     from rankcore.cache import check_complete
-    from rankcore.train.cascade import load_cascade
-    from rankcore.train.loop import resolve_device
 
     if not isinstance(split, str) or not split:
         raise InputError(f"`split` must be a split name or 'all', got {split!r}")
+    check_engine_workers(engine, workers)
     prepare_out_dir(out_dir)
-    cascade, card = load_cascade(model_dir, resolve_device(device))
-    config = model_preprocess(card)
-    view = _open_model_cache(cache_dir, config)
+    runner = load_runner(model_dir, engine=engine, workers=workers, device=device,
+                         batch_size=batch_size)
+    config = model_preprocess(runner.card)
+    view = open_model_cache(cache_dir, config)
     warning = check_complete(cache_dir, config, allow_incomplete=allow_incomplete_cache)
-    rows = _split_rows(view, card, split, str(cache_dir))
-    return cascade, card, config, view, rows, warning
+    rows = split_rows(view, runner.card, split, str(cache_dir))
+    return runner, config, view, rows, warning
+
+
+def _locations(model_dir: str | Path, cache_dir: str | Path, out_dir: str | Path
+               ) -> tuple[Path, Path, Path]:
+    """The three folders as paths (``file://`` URIs accepted, other URIs refused)."""
+    return (local_path(model_dir, "model_dir"), local_path(cache_dir, "cache_dir"),
+            local_path(out_dir, "out_dir"))
 
 
 def check_evaluation(model_dir: str | Path, cache_dir: str | Path, out_dir: str | Path, *,
                      split: str = "test", device: str = "cpu",
-                     allow_incomplete_cache: bool = False) -> int:
-    """Check the inputs of :func:`evaluate_model` without predicting; return the subject count.
+                     allow_incomplete_cache: bool = False, engine: str = "local",
+                     workers: int = 1) -> int:
+    """Check the inputs of :func:`evaluate_model` without predicting; return the subject count
+    (with ``engine="ray"`` CUDA is not required here: the Ray workers check it).
 
     Raises:
         InputError, CheckpointError: as :func:`evaluate_model`.
     """
-    return len(_setup(Path(model_dir), cache_dir, Path(out_dir), split, device,
-                      allow_incomplete_cache)[4])
+    return len(_setup(*_locations(model_dir, cache_dir, out_dir), split, device,
+                      allow_incomplete_cache, engine, workers, None)[3])
 
 
 def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | Path, *,
                    split: str = "test", n_boot: int = 1000, seed: int = 0,
                    level: float = 0.95, batch_size: int | None = None, device: str = "cpu",
-                   store_bias: bool = True, allow_incomplete_cache: bool = False
-                   ) -> Evaluation:
+                   store_bias: bool = True, allow_incomplete_cache: bool = False,
+                   engine: str = "local", workers: int = 1) -> Evaluation:
     """Predict every subject of ``split`` once, score them and write the report folder.
 
     Args:
         model_dir: a folder written by :func:`rankcore.train.cascade.train_cascade`.
         cache_dir: a cache holding volumes preprocessed with the model's config.
         out_dir: the report folder (created; an earlier report there is replaced).
+            The three folders are paths or ``file://`` URIs on a POSIX file system
+            (:mod:`rankcore.locations`); engine ray needs the cache at a path every node sees.
         split: the cache's ``split`` label to evaluate, or ``"all"`` for every row.
         n_boot, seed, level: bootstrap resamples, seed and interval coverage.
         batch_size: subjects per forward pass (None: the card's ``eval_batch_size``).
-        device: ``"cpu"``, ``"cuda"`` or ``"auto"``.
+        device: ``"cpu"``, ``"cuda"`` or ``"auto"`` (engine ray: ``"cuda"`` asks for GPU
+            workers, and CUDA is checked on them, not in this process).
         store_bias: also store the fitted correction in MODEL_DIR/bias.json (for
             ``predict --bias-correct``); a read-only MODEL_DIR only logs a warning.
         allow_incomplete_cache: evaluate a cache left by an interrupted ingest (refused
             otherwise), with a warning.
+        engine: where the forward passes run: ``"local"`` (this process) or ``"ray"`` (Ray
+            tasks that read their own rows from the cache; this process reads no volume for
+            them); :mod:`rankcore.inference.engine`. Both give the same ages.
+        workers: Ray tasks at a time (engine ray; 1 with engine local).
 
     Returns:
         An :class:`Evaluation`.
@@ -281,25 +239,28 @@ def evaluate_model(model_dir: str | Path, cache_dir: str | Path, out_dir: str | 
             (:class:`~rankcore.errors.IncompleteCacheError`).
         CheckpointError: an unreadable model folder.
     """
-    model_dir, out_dir = Path(model_dir), Path(out_dir)
-    cascade, card, config, view, rows, incomplete = _setup(
-        model_dir, cache_dir, out_dir, split, device, allow_incomplete_cache)
+    model_dir, cache_dir, out_dir = _locations(model_dir, cache_dir, out_dir)
+    runner, config, view, rows, incomplete = _setup(
+        model_dir, cache_dir, out_dir, split, device, allow_incomplete_cache, engine, workers,
+        batch_size)
+    card = runner.card
     table = view.table
-    data = _subjects(cache_dir, config)
+    data = read_subjects(cache_dir, config)
     if tuple(data.participant_ids) != tuple(view.keys):
         raise InputError(f"cache {str(cache_dir)!r} changed while it was read: run again")
     subjects = data.subset(rows)
-    log.info("evaluating %s on %d subject(s) of split %r of %s", model_dir, len(rows), split,
-             view.layout.folder)
-    stage1, final = predict_cascade(cascade, card, subjects, batch_size=batch_size)
-    if len(final) != len(rows):  # every subject exactly once: no padding, no loss
-        raise InputError(f"predicted {len(final)} subjects for {len(rows)} rows")
+    log.info("evaluating %s on %d subject(s) of split %r of %s (engine %s)", model_dir,
+             len(rows), split, view.layout.folder, engine)
+    with ray_running(engine, workers):
+        stage1, final = runner.ages(cache_dir, subjects, config.to_dict())
+        if len(final) != len(rows):  # every subject exactly once: no padding, no loss
+            raise InputError(f"predicted {len(final)} subjects for {len(rows)} rows")
+        correction, bias_source, val_keys = _validation_correction(
+            runner, model_dir, cache_dir, view, data, config)
 
     warnings: list[str] = [incomplete] if incomplete else []
-    correction, bias_source, val_keys = _validation_correction(
-        cascade, card, model_dir, cache_dir, view, data, config, batch_size)
     keys = [view.keys[i] for i in rows]
-    same_data = _data_digest(view) == card.get("data", {}).get("digest")
+    same_data = data_digest(view) == card.get("data", {}).get("digest")
     trained_on = set(read_split_record(model_dir, card).get("train", ())) | set(val_keys)
     overlap = sum(k in trained_on for k in keys) if same_data else 0
     if overlap:

@@ -53,6 +53,7 @@ import torch
 
 from rankcore._sealed import read_sealed, seal
 from rankcore.errors import CheckpointError, CorruptFileError, TrainingError
+from rankcore.locations import local_path
 from rankcore.models.cascade import Cascade
 from rankcore.train.card_info import (
     INTENDED_USE,
@@ -280,7 +281,10 @@ def train_cascade(cache_dir: str | Path, model_dir: str | Path,
 
     Args:
         cache_dir: the cache root.
-        model_dir: the model folder to create.
+        model_dir: the model folder to create. Both are paths or ``file://`` URIs on a POSIX
+            file system (shared by every node with engine ray); another URI is refused
+            (:func:`rankcore.locations.local_path`). Only ``storage_path`` takes an object
+            store's URI.
         config: stage-1 TrainConfig (used as it is) or a dict of changes to
             :func:`rankcore.train.cascade_plan.default_config` (15 epochs, one intra-op
             thread; with ``k_folds=3``, 300 cached subjects train in ~6 minutes on 2 shared
@@ -366,7 +370,7 @@ def load_cascade(model_dir: str | Path, map_location: str | torch.device = "cpu"
     Raises:
         CheckpointError: not a cascade folder, or its stage files are missing or corrupt.
     """
-    model_dir = Path(model_dir)
+    model_dir = local_path(model_dir, "model_dir")
     card = read_card(model_dir)
     if card.get("format") != CARD_FORMAT:
         raise CheckpointError(f"`model_dir` {str(model_dir)!r} is not a brainrank cascade "
@@ -383,7 +387,7 @@ def read_card(model_dir: str | Path) -> dict[str, Any]:
     Raises:
         CheckpointError: missing, unreadable, or changed since it was written (checksum).
     """
-    path = Path(model_dir) / CARD_FILE
+    path = local_path(model_dir, "model_dir") / CARD_FILE
     try:
         return read_sealed(path, f"model card {str(path)!r}")
     except OSError as err:

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from rankcore.errors import InputError
+from rankcore.locations import local_path
 from rankcore.train.config import TrainConfig
 from rankcore.train.data import stratified_folds
 from rankcore.train.objective import build_objective, resolve_sorter
@@ -318,6 +319,7 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
     """
     from rankcore.cache import open_cache
 
+    cache_dir, model_dir = local_path(cache_dir, "cache_dir"), local_path(model_dir, "model_dir")
     if config is None or isinstance(config, dict):
         config = default_config(**(config or {}))
     config = TrainConfig.from_dict(config)
@@ -378,7 +380,7 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
                          "more subjects")
 
     key = training_key(config, config2, k_folds, val_fraction, digest, stage2_source, split.test)
-    model_dir = Path(model_dir).expanduser().absolute()
+    model_dir = model_dir.expanduser().absolute()
     reuse = check_model_dir(model_dir, key, config, k_folds, digest)
     staging = model_dir.parent / f"{model_dir.name}.tmp-{key[:12]}"
     from rankcore.train.storage import is_uri
@@ -389,7 +391,7 @@ def plan_cascade(cache_dir: str | Path, model_dir: str | Path,
             raise InputError(f"`storage_path` must lie outside `model_dir` {str(model_dir)!r}, "
                              f"got {str(storage)!r}")
     return CascadePlan(
-        cache_dir=str(Path(cache_dir).expanduser().absolute()),
+        cache_dir=str(cache_dir.expanduser().absolute()),
         preprocess=view.config.to_dict(), preproc_digest=view.layout.digest,
         model_dir=str(model_dir), staging_dir=str(staging), config=config.to_dict(),
         stage2_config=config2.to_dict(), k_folds=k_folds, engine=engine, workers=workers,

@@ -16,6 +16,7 @@ ages for the same weights and rows.
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -30,6 +31,8 @@ from rankcore.train.cache_split import CacheSplit
 from rankcore.train.checkpoint import CARD_FILE, MODEL_FILE, load_stage_model
 
 __all__ = ["DEFAULT_CHUNK", "StageFiles", "predict_ray"]
+
+log = logging.getLogger("rankcore.inference")
 
 #: Subjects per Ray task (bounds a task's memory and the work lost when one fails).
 DEFAULT_CHUNK = 256
@@ -134,6 +137,8 @@ def predict_ray(stages: Sequence[StageFiles | str | os.PathLike[str]], split: Ca
         raise InputError(f"`stages` must hold one stage or two (a cascade), got {len(stages)}")
     files = [s if isinstance(s, StageFiles) else StageFiles.read(s) for s in stages]
     chunks = split.chunks(chunk_size)
+    if use_gpu and ray.cluster_resources().get("GPU", 0) < 1:  # an autoscaler may add some
+        log.warning("prediction tasks wait for a GPU worker; the Ray cluster has none now")
     remote = ray.remote(num_cpus=1, num_gpus=1 if use_gpu else 0,
                         max_retries=1)(predict_chunk)
     files_ref = ray.put(files)
@@ -151,7 +156,9 @@ def predict_ray(stages: Sequence[StageFiles | str | os.PathLike[str]], split: Ca
                 try:
                     results[i] = ray.get(ref)
                 except ray.exceptions.RayTaskError as err:
-                    cause = err.as_instanceof_cause()
+                    # The task's own exception (its str is our one line; the str of
+                    # as_instanceof_cause() carries Ray's remote traceback).
+                    cause = getattr(err, "cause", None)
                     if isinstance(cause, InputError):
                         raise InputError(str(cause)) from None
                     raise

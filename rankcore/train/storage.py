@@ -12,15 +12,9 @@ import os
 from pathlib import Path
 
 from rankcore.errors import InputError
+from rankcore.locations import is_uri
 
 __all__ = ["is_uri", "join_storage", "storage_location"]
-
-
-def is_uri(location: str | os.PathLike[str]) -> bool:
-    """True for ``scheme://...`` (``s3://b/x``, ``file:///x``), False for a file system path."""
-    text = os.fspath(location)
-    scheme, sep, _ = text.partition("://")
-    return bool(sep) and scheme.isidentifier()
 
 
 def storage_location(location: str | os.PathLike[str]) -> str:
