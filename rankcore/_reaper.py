@@ -4,7 +4,8 @@ Ray's local instance shares fate with its driver for most of its processes, but 
 that its raylet starts (dashboard agent, runtime-env agent) outlive a driver killed outright.
 :func:`reap_descendants_on_death` starts one small Python process that, every half second,
 notes the descendants of this process (pid and start time), and when this process is gone
-kills the ones it saw last, if they are still the same processes (a recycled pid has another
+kills the ones its last two complete scans saw (a scan the death interrupted is dropped: the
+children may be reparented half-way through it), if they are still the same processes (a recycled pid has another
 start time and is left alone). It never kills anything while this process lives.
 """
 
@@ -46,9 +47,12 @@ def descendants():
                 todo.append(pid)
     return found
 
-seen = {}
+seen, last = {}, {}
 while os.getppid() == parent:
-    seen = descendants()
+    found = descendants()
+    if os.getppid() != parent:
+        break  # the parent died during the scan: its children may already be reparented
+    seen, last = {**last, **found}, found  # the last two complete scans
     time.sleep(0.5)
 for pid, start in seen.items():
     s = stat(pid)
