@@ -190,8 +190,11 @@ def main() -> None:
             ("(1a) (1) reading the pose features too (the prior before)",
              cv_before.mean(), "GCV", site_prior(x_all[0], codes[0], y, x_all[1], codes[1]))]
     if args.model:
-        card = json.loads((args.model / "stage1" / "card.json").read_text())
-        ids = set(card["train_ids"])
+        from rankcore.train.card_info import read_split_record
+
+        stage_card = json.loads((args.model / "stage1" / "card.json").read_text())
+        ids = set(stage_card.get("train_ids") or read_split_record(
+            args.model, json.loads((args.model / "card.json").read_text())).get("train", ()))
         sub = train.subset([i for i, p in enumerate(train.participant_ids) if p in ids])
         rows.append((f"(1) shipped prior, fitted on the network's {len(sub)} training "
                      f"subjects", float("nan"), "GCV", shipped_prior(sub, test)[0]))
