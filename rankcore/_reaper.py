@@ -5,8 +5,9 @@ that its raylet starts (dashboard agent, runtime-env agent) outlive a driver kil
 :func:`reap_descendants_on_death` starts one small Python process that, every half second,
 notes the descendants of this process (pid and start time), and when this process is gone
 kills the ones its last two complete scans saw (a scan the death interrupted is dropped: the
-children may be reparented half-way through it), if they are still the same processes (a recycled pid has another
-start time and is left alone). It never kills anything while this process lives.
+children may be reparented half-way through it), if they are still the same processes (a
+recycled pid has another start time and is left alone). It never kills anything while this
+process lives.
 """
 
 from __future__ import annotations
