@@ -157,9 +157,15 @@ def test_kill_train_at_a_random_point_a_concurrent_run_and_rerun(run, api_url, t
     full = time.perf_counter() - t0
     proc = brainrank(args, api_url)
     assert _wait(proc, lambda: (tmp_path / ".model.lock").exists())
-    # A second run on the same folder exits 2 at once, naming the holder.
-    second = brainrank(args, api_url)
-    _, err = second.communicate(timeout=240)
+    # A second run on the same folder exits 2 at once, naming the holder. The holder is
+    # stopped meanwhile (a stalled run holds its lock too): a tiny training can otherwise end
+    # before the second process has imported enough to ask for the lock.
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        second = brainrank(args, api_url)
+        _, err = second.communicate(timeout=240)
+    finally:
+        proc.send_signal(signal.SIGCONT)
     assert second.returncode == 2 and "Traceback" not in err
     lines = error_lines(err)
     assert len(lines) == 1 and f"pid {proc.pid}" in lines[0] and "started" in lines[0]
